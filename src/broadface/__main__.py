@@ -1,0 +1,6 @@
+"""``python -m broadface`` (also what ``torchrun -m broadface train ...`` runs)."""
+import sys
+
+from broadface.cli.main import main
+
+sys.exit(main())

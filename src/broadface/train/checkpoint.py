@@ -1,0 +1,72 @@
+"""Checkpoints: written atomically, loaded without unpickling code.
+
+A checkpoint is a plain dict of tensors and Python scalars/strings/lists/dicts:
+
+    {"format": "broadface", "version": 1,
+     "model": {"name": "iresnet50", "embedding_size": 512, ...},   # kwargs of models.build_model
+     "backbone": state_dict, "head": state_dict,                     # head holds W and the queue
+     ... trainer state (optimizer, scheduler, scaler, rng, data position, step, config)}
+
+Writes go to a temporary file in the same directory, are fsync'ed and then
+``os.replace``d over the target, so a crash leaves either the old or the new
+file, never half of one. Loads use ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "broadface"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a broadface checkpoint safely; raise ValueError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt, truncated, or holds non-allowlisted objects
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a broadface checkpoint (missing format='{FORMAT}')")
+    if int(ckpt.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this broadface ({VERSION})")
+    return ckpt
+
+
+def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the backbone stored in a checkpoint, in eval mode, ready for embedding."""
+    from broadface.models import build_model
+
+    ckpt = load_checkpoint(path, map_location)
+    if "model" not in ckpt or "backbone" not in ckpt:
+        raise ValueError(f"{path}: checkpoint holds no backbone (keys: {sorted(ckpt)})")
+    model = build_model(**ckpt["model"])
+    model.load_state_dict(ckpt["backbone"])
+    return model.eval()
