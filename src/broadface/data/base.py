@@ -1,0 +1,141 @@
+"""Common base of the labelled image datasets: lazy decoding, seeded transforms, skip mode.
+
+A dataset item is ``(image tensor CHW float, int label)``. Subclasses only say how to read
+sample ``i`` (:meth:`ImageDataset._read`) and how to name it (:meth:`ImageDataset.source`).
+
+Seeded augmentation: :meth:`ImageDataset.getitem` takes a ``torch.Generator`` that is passed
+to the transform, so the loader can give every sample a generator seeded from
+``(seed, epoch, index)`` (see :mod:`broadface.data.loader`) and flips are reproducible no
+matter which worker or batch position the sample lands in.
+
+``on_error="skip"``: a sample whose image cannot be decoded is replaced by the next readable
+sample (``i+1, i+2, ...`` cyclically) *together with that sample's own label*, so a label never
+describes a different image. Bad samples are flagged in a shared-memory byte tensor, which
+DataLoader workers (fork or spawn) write into, so :attr:`ImageDataset.skipped` in the main
+process lists every file any worker skipped, and a flagged file is not decoded again.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from broadface.data.images import ImageDecodeError
+
+Transform = Callable[..., torch.Tensor]
+ON_ERROR = ("raise", "skip")
+
+
+def to_unit_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float32 CHW tensor in [0, 1] (what ``transform=None`` returns)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def call_transform(transform: Transform | None, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+    """Apply ``transform``; pass ``generator`` only to transforms that accept one."""
+    if transform is None:
+        return to_unit_tensor(img)
+    if generator is not None and getattr(transform, "accepts_generator", False):
+        return transform(img, generator=generator)
+    return transform(img)
+
+
+class ImageDataset(Dataset):
+    """Labelled images decoded on access. Attributes: ``classes``, ``targets``, ``transform``."""
+
+    classes: list[str]
+    origin: str = "dataset"  # folder / file the samples come from, for messages
+
+    def __init__(self, num_samples: int, transform: Transform | None = None, on_error: str = "raise"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.transform = transform
+        self.on_error = on_error
+        # One byte per sample; shared so that worker processes' skips are visible here.
+        self._bad = torch.zeros(num_samples if on_error == "skip" else 0, dtype=torch.uint8)
+        if on_error == "skip" and num_samples:
+            self._bad.share_memory_()
+
+    # -- subclass API ------------------------------------------------------------------
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Human-readable origin of sample ``index`` (file path, zip member, record)."""
+        raise NotImplementedError
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """Decode sample ``index``; raise :class:`ImageDecodeError` if its image is unreadable."""
+        raise NotImplementedError
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def targets(self) -> list[int]:
+        raise NotImplementedError
+
+    def image(self, index: int) -> tuple[Image.Image, int]:
+        """``(PIL image, label)`` of sample ``index`` (or its substitute in skip mode)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        if self.on_error == "raise":
+            return self._read(index)
+        for step in range(n):
+            j = (index + step) % n
+            if self._bad[j]:
+                continue
+            try:
+                return self._read(j)
+            except ImageDecodeError:
+                self._bad[j] = 1
+        raise ValueError(f"{self.origin}: none of the {n} images could be decoded (on_error='skip')")
+
+    def getitem(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """``(tensor, label)`` with the transform's randomness drawn from ``generator``."""
+        img, label = self.image(index)
+        return call_transform(self.transform, img, generator), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.getitem(index)
+
+    @property
+    def supports_generator(self) -> bool:
+        """True if :meth:`getitem`'s randomness comes only from its ``generator`` argument."""
+        return self.transform is None or bool(getattr(self.transform, "accepts_generator", False))
+
+    @property
+    def skipped(self) -> list[str]:
+        """Sources found unreadable so far (skip mode), in index order, across all workers."""
+        if self.on_error != "skip":
+            return []
+        return [self.source(int(i)) for i in torch.nonzero(self._bad).flatten()]
+
+    def class_counts(self) -> np.ndarray:
+        """Number of samples per class (length ``len(classes)``)."""
+        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes))
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {len(self.classes)} classes)"
+
+
+def check_classes(classes: Sequence[str], where: str) -> list[str]:
+    """Validate a class list (strings, no duplicates) and return it as a list."""
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ValueError(f"{where}: no classes")
+    seen: set[str] = set()
+    dup = [c for c in classes if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    if dup:
+        raise ValueError(f"{where}: duplicate class name(s) {dup[:5]}")
+    return classes

@@ -1,0 +1,55 @@
+"""Decode image files or bytes into RGB (or grayscale) PIL images, with errors that name the source.
+
+Everything the data layer reads goes through :func:`decode_image`, so grayscale, 16-bit,
+RGBA, palette and CMYK inputs all come out in one mode, and a corrupt or truncated file
+raises :class:`ImageDecodeError` naming it rather than a bare Pillow traceback.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".pgm", ".bmp")
+
+Source = Union[str, os.PathLike, bytes]
+
+
+class ImageDecodeError(ValueError):
+    """An image file/record could not be read or decoded; the message names it."""
+
+
+def _as_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Promote any Pillow mode to ``mode`` ("RGB" or "L"), always returning a new image."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grayscale (e.g. PGM maxval 65535): keep the top 8 bits instead of clipping.
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    elif im.mode == "PA" or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    return im.convert(mode)
+
+
+def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Image.Image:
+    """Fully decode ``src`` (path or encoded bytes) into a ``mode`` image.
+
+    ``name`` is used in error messages (defaults to the path). Decoding is forced here
+    (``Image.load``) so truncated files fail now, not later inside a transform.
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    try:
+        fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+        with Image.open(fp) as im:
+            im.load()
+            return _as_mode(im, mode)
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def image_size(src: Source, name: str | None = None) -> tuple[int, int]:
+    """(height, width) of a decodable image; raises :class:`ImageDecodeError` otherwise."""
+    im = decode_image(src, name)
+    return im.height, im.width

@@ -1,0 +1,101 @@
+"""Image transforms without torchvision: resize, optional random horizontal flip, normalise.
+
+A transform is a small picklable callable ``PIL image -> float tensor CHW`` with values
+``(x/255 - 0.5)/0.5`` in [-1, 1] (the insightface convention). Randomness (the flip) is drawn
+from the ``generator`` argument when one is given, so a loader that seeds one generator per
+sample from ``(seed, epoch, index)`` gets the same augmentation on every run, worker count and
+resume point (see :mod:`broadface.data.loader`); without one it falls back to torch's global RNG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+Size = Union[int, tuple[int, int], None]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float32 CHW tensor with the raw 0..255 values."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """0..255 values -> (x/255 - 0.5)/0.5, i.e. [-1, 1]."""
+    return x.div(127.5).sub_(1.0)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize` mapped to [0, 1] (for plotting)."""
+    return x.add(1.0).mul_(0.5).clamp_(0.0, 1.0)
+
+
+def flip(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip of an image tensor (CHW or NCHW): the test-time augmentation view."""
+    return x.flip(-1)
+
+
+def _hw(size: Size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"transform size must be positive, got {size!r}")
+    return int(h), int(w)
+
+
+@dataclass(frozen=True)
+class FaceTransform:
+    """Resize to ``size`` (int or (h, w); None keeps the input size), flip with probability
+    ``flip_p``, convert to ``channels`` (3 = RGB, 1 = grayscale) and normalise to [-1, 1]."""
+
+    size: Size = 112
+    flip_p: float = 0.0
+    channels: int = 3
+
+    accepts_generator = True  # class attribute: __call__ takes ``generator=``
+
+    def __post_init__(self) -> None:
+        _hw(self.size)
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+
+    def __call__(self, img: Image.Image | np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(img, np.ndarray):
+            img = Image.fromarray(img)
+        mode = "RGB" if self.channels == 3 else "L"
+        if img.mode != mode:
+            img = img.convert(mode)
+        hw = _hw(self.size)
+        if hw is not None and (img.height, img.width) != hw:
+            img = img.resize((hw[1], hw[0]), Image.BILINEAR)  # Pillow antialiases when shrinking
+        x = normalize(to_tensor(img))
+        # Draw only when flipping is possible, so eval transforms never consume randomness.
+        if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
+            x = flip(x)
+        return x
+
+
+@dataclass(frozen=True)
+class TrainTransform(FaceTransform):
+    """Training view: resize, random horizontal flip (p=0.5), normalise."""
+
+    flip_p: float = 0.5
+
+
+@dataclass(frozen=True)
+class EvalTransform(FaceTransform):
+    """Evaluation view: resize and normalise, no randomness."""
+
+    def __post_init__(self) -> None:
+        if self.flip_p != 0.0:
+            raise ValueError("EvalTransform never flips; use TrainTransform or flip() for test-time augmentation")
+        super().__post_init__()

@@ -1,0 +1,77 @@
+"""Classifier-only margin cross-entropy over a large set of fixed embeddings, in chunks.
+
+BroadFace trains the classifier on ``L(X ∪ E)``: tens of thousands of (detached)
+embeddings against all C classes. Materialising the (N, C) logits, or keeping them
+for autograd, costs N·C floats; here the loss and its gradient w.r.t. the
+normalised weight are computed together, ``chunk_size`` rows at a time, so the
+working set is ``chunk_size × C`` whatever N is. Backward then only scales the
+accumulated gradient.
+
+For a row with logits ``z = s·cos`` (target column ``s·φ(cos_y)``) and ``p = softmax(z)``:
+``∂L/∂cos_j = s·p_j`` for ``j ≠ y`` and ``∂L/∂cos_y = s·(p_y − 1)·φ'(cos_y)``, and
+``∂L/∂Ŵ = (∂L/∂cos)ᵀ ê``. ``φ'`` comes from autograd on the (N,) target vector alone.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def _target_and_slope(target: Callable[[Tensor], Tensor], cos_t: Tensor, need_grad: bool):
+    if not need_grad:
+        return target(cos_t), None
+    with torch.enable_grad():
+        c = cos_t.detach().requires_grad_(True)
+        phi = target(c)
+        (slope,) = torch.autograd.grad(phi.sum(), c)
+    return phi.detach(), slope
+
+
+class ChunkedMarginCE(torch.autograd.Function):
+    """``mean_i CE(s·margin(ê_i·Ŵᵀ), y_i)`` with a gradient for ``Ŵ`` only."""
+
+    @staticmethod
+    def forward(ctx, weight_n: Tensor, feats_n: Tensor, labels: Tensor,
+                target: Callable[[Tensor], Tensor], scale: float, chunk_size: int) -> Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        n = feats_n.shape[0]
+        device_type = weight_n.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            w = weight_n.detach().float()
+            grad_w = torch.zeros_like(w) if need_grad else None
+            total = torch.zeros((), dtype=torch.float64, device=w.device)
+            for start in range(0, n, chunk_size):
+                f = feats_n[start:start + chunk_size].float()
+                y = labels[start:start + chunk_size].long().unsqueeze(1)
+                cos = torch.mm(f, w.t()).clamp_(-1.0, 1.0)           # (k, C), the only big tensor
+                phi, slope = _target_and_slope(target, cos.gather(1, y).squeeze(1), need_grad)
+                z = cos.mul_(scale).scatter_(1, y, (scale * phi).unsqueeze(1))
+                lse = torch.logsumexp(z, dim=1)
+                total += (lse - scale * phi).sum(dtype=torch.float64)
+                if need_grad:
+                    p = z.sub_(lse.unsqueeze(1)).exp_()              # softmax, in place
+                    p_y = p.gather(1, y).squeeze(1)
+                    g = p.mul_(scale).scatter_(1, y, (scale * (p_y - 1.0) * slope).unsqueeze(1))
+                    grad_w.addmm_(g.t(), f)                          # (C, k) @ (k, D)
+        ctx.n = n
+        if need_grad:
+            ctx.save_for_backward(grad_w)
+        return (total / max(n, 1)).to(weight_n.dtype if weight_n.is_floating_point() else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad_w,) = ctx.saved_tensors
+        return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None
+
+
+def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, labels: Tensor,
+                      target: Callable[[Tensor], Tensor], scale: float, chunk_size: int = 4096) -> Tensor:
+    """Mean margin CE of fixed normalised ``feats_n`` against normalised ``weight_n``.
+
+    Gradients flow to ``weight_n`` only; ``feats_n`` and ``labels`` are treated as data.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), labels, target, scale, chunk_size)

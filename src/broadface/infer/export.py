@@ -1,0 +1,137 @@
+"""ONNX export of embedding backbones, and a parity check against onnxruntime.
+
+The exported graph takes ``data`` (N x 3 x S x S float32, normalised to [-1, 1],
+dynamic N) and returns ``embedding`` (N x D raw embeddings; L2-normalise before
+cosine scoring), as insightface's ONNX models do. BatchNorm is folded first
+(:mod:`broadface.infer.fold_bn`), which removes most BN nodes at no accuracy cost.
+
+We use the TorchScript exporter (``dynamo=False``): with torch 2.13 it is fast,
+offline, emits the requested opset directly and handles every backbone here;
+``dynamo=True`` selects the torch.export-based exporter instead (opset >= 18
+natively, older opsets via conversion).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from broadface.infer.fold_bn import fold_batchnorm
+
+INPUT_NAME = "data"
+OUTPUT_NAME = "embedding"
+_MAX_BYTES = 2_000_000_000  # protobuf limit for a single-file ONNX model
+
+
+def _input_size(model: nn.Module, input_size: int | None) -> int:
+    if input_size is not None:
+        return int(input_size)
+    return int(getattr(model, "config", {}).get("input_size", 112))
+
+
+def _inference_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
+    """float32 CPU eval copy (autocast off); BN folded if asked."""
+    model = copy.deepcopy(model).float().cpu().eval()
+    if getattr(model, "fp16", False):
+        model.fp16 = False
+    return fold_batchnorm(model) if fold_bn else model
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | None = 112,
+                fold_bn: bool = True, opset: int = 17, dynamic_batch: bool = True,
+                dynamo: bool = False) -> Path:
+    """Export ``model`` to ONNX at ``path`` (written atomically) and return the path.
+
+    ``input_size`` None means ``model.config['input_size']``. The model itself is
+    not modified (export works on a float32 CPU copy).
+    """
+    import onnx
+
+    path = Path(path)
+    size = _input_size(model, input_size)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    if n_bytes > _MAX_BYTES:
+        raise ValueError(f"{type(model).__name__} has {n_bytes / 1e9:.1f} GB of float32 weights; "
+                         "single-file ONNX export is limited to 2 GB")
+    net = _inference_copy(model, fold_bn)
+    dummy = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    with torch.no_grad():
+        net(dummy)  # raises a clear ValueError if input_size does not fit the model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        kwargs: dict = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                            dynamo=dynamo)
+        if dynamic_batch and dynamo:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        elif dynamic_batch:
+            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # legacy-exporter deprecation / tracer chatter
+            torch.onnx.export(net, (dummy,), tmp, **kwargs)
+        proto = onnx.load(tmp)
+        meta = {
+            "broadface.config": json.dumps(getattr(model, "config", {"name": type(model).__name__})),
+            "broadface.input": f"{INPUT_NAME}: N x 3 x {size} x {size} float32, RGB, (pixel - 127.5) / 127.5",
+            "broadface.output": f"{OUTPUT_NAME}: N x D raw embedding; L2-normalise before cosine similarity",
+            "broadface.fold_bn": str(bool(fold_bn)),
+        }
+        for key, value in meta.items():
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def onnx_session(path: str | os.PathLike):
+    """onnxruntime CPU session for an exported model (ValueError naming the file if unreadable)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {err})") from None
+
+
+def check_onnx_parity(model: nn.Module, path: str | os.PathLike, n: int = 8,
+                      inputs: torch.Tensor | None = None, seed: int = 0) -> float:
+    """Max |difference| between L2-normalised embeddings of ``model`` (PyTorch, float32,
+    eval) and the ONNX file under onnxruntime CPU, on ``inputs`` or ``n`` random
+    images in [-1, 1] at the ONNX model's input size."""
+    session = onnx_session(path)
+    if inputs is None:
+        size = session.get_inputs()[0].shape[-1]
+        if not isinstance(size, int):
+            size = _input_size(model, None)
+        gen = torch.Generator().manual_seed(seed)
+        inputs = torch.rand(n, 3, size, size, generator=gen) * 2 - 1
+    ref_model = _inference_copy(model, fold_bn=False)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(ref_model(inputs.float().cpu()), dim=1).numpy()
+    x = inputs.float().cpu().numpy()
+    batch = session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else len(x)  # static-batch exports run in chunks
+    out = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + step]})[0]
+                          for i in range(0, len(x), step)])
+    out = out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+    return float(np.abs(out - ref).max())
+
+
+__all__ = ["export_onnx", "check_onnx_parity", "onnx_session", "INPUT_NAME", "OUTPUT_NAME"]

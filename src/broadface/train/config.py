@@ -1,0 +1,282 @@
+"""Typed training configuration: YAML file + dotted ``key=value`` overrides.
+
+A config is a tree of dataclasses (:class:`Config` with sections ``model``,
+``data``, ``head``, ``optim``, ``schedule``, ``train``). Loading is strict: an
+unknown key or a value of the wrong type is a ``ValueError`` that names the key
+and the file (or override) it came from, so typos never silently fall back to a
+default.
+
+    cfg = load_config("configs/omniglot_tinycnn.yaml", ["optim.lr=0.05", "train.steps=200"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Amp = Literal["none", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, built by ``broadface.models.build_model(name, embedding_size=, input_size=, **kwargs)``."""
+
+    name: str = "iresnet18"
+    embedding_size: int = 512
+    input_size: int = 112  # images are resized to input_size x input_size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_model arguments, e.g. layers
+
+
+@dataclass
+class DataConfig:
+    """Training / validation images: a named set ("lfw", "celeba299", "omniglot") or an image folder."""
+
+    name: str = "celeba299"  # or "folder": <root>/<identity>/*.jpg (e.g. an unpacked MS1M)
+    root: str | None = None  # data root for named sets (None: broadface.paths.data_root()); the folder for "folder"
+    train_split: str = "train"
+    val_split: str | None = "test"  # held-out identities for Recall@K; null disables evaluation
+    flip: bool = True  # random horizontal flip while training
+    num_workers: int = 0
+
+
+@dataclass
+class HeadConfig:
+    """Margin loss and the BroadFace queue (queue_size=0 is the plain margin loss)."""
+
+    loss: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
+    scale: float = 64.0  # s
+    margin: float = 0.5  # m (arcface: additive angle, cosface: additive cosine)
+    margins: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.2])  # combined: cos(m1*theta + m2) - m3
+    queue_size: int = 0  # embeddings kept from past steps (paper: 8192 per GPU)
+    compensate: bool = True  # e* = e- + (|e-| / |W-_y|) (W_y - W-_y)
+    chunk_size: int | None = None  # process the union in chunks of this many rows (memory)
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # queue storage
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer over two parameter groups: backbone and classifier (head)."""
+
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd, lars
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    trust_coefficient: float = 0.001  # lars eta
+    head_lr_mult: float = 1.0  # classifier lr = lr * head_lr_mult
+    head_weight_decay: float | None = None  # None: same as weight_decay
+    no_decay_bias_bn: bool = False  # sgd/adamw: no weight decay on biases and norm layers (lars: always)
+    clip_grad: float | None = None  # max global L2 norm of the backbone gradient
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor per step: linear warm-up, then multi-step, polynomial or constant."""
+
+    name: Literal["multistep", "poly", "constant"] = "multistep"
+    warmup_steps: int = 0
+    warmup_start: float = 0.0  # factor at step 0 of the warm-up (rises linearly to 1)
+    milestones: list[int] = field(default_factory=list)  # multistep: multiply by gamma at each
+    gamma: float = 0.1
+    power: float = 2.0  # poly: (1 - progress) ** power
+    end_factor: float = 0.0  # poly: factor reached at the last step
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, precision, seeding, output and intervals."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # images per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    amp: Amp = "none"  # bf16 autocast (CPU/CUDA) or fp16 autocast + GradScaler (CUDA)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output: str = "runs/broadface"
+    log_every: int = 50
+    checkpoint_every: int = 1000  # 0: final checkpoint only
+    keep_checkpoints: int = 3  # periodic checkpoints kept (0: keep all)
+    eval_every: int = 0  # 0: evaluate once, at the end (if data.val_split is set)
+    eval_batch_size: int = 256
+    eval_flip: bool = True  # add the embedding of the flipped image at evaluation
+    init: str | None = None  # warm start: backbone + classifier from this checkpoint
+    resume: str | None = None  # continue exactly from this checkpoint ("auto": latest in output)
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> Config:
+        """Check values that types alone cannot; raise ValueError naming the field."""
+        t, o, s, h = self.train, self.optim, self.schedule, self.head
+        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                    "train.log_every": t.log_every, "train.eval_batch_size": t.eval_batch_size,
+                    "model.embedding_size": self.model.embedding_size, "model.input_size": self.model.input_size}
+        nonneg = {"train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
+                  "train.eval_every": t.eval_every, "head.queue_size": h.queue_size,
+                  "schedule.warmup_steps": s.warmup_steps, "data.num_workers": self.data.num_workers,
+                  "optim.weight_decay": o.weight_decay}
+        for key, v in positive.items():
+            _check(v > 0, key, v, "a positive number")
+        for key, v in nonneg.items():
+            _check(v >= 0, key, v, "a number >= 0")
+        _check(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
+        _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "null or > 0")
+        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
+        _check(h.scale > 0, "head.scale", h.scale, "> 0")
+        _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
+        _check(h.chunk_size is None or h.chunk_size > 0, "head.chunk_size", h.chunk_size, "null or > 0")
+        _check(s.warmup_steps < t.steps or s.warmup_steps == 0, "schedule.warmup_steps", s.warmup_steps,
+               f"fewer than train.steps={t.steps}")
+        _check(list(s.milestones) == sorted(set(s.milestones)) and all(m > 0 for m in s.milestones),
+               "schedule.milestones", s.milestones, "strictly increasing positive steps")
+        _check(0 <= s.warmup_start <= 1, "schedule.warmup_start", s.warmup_start, "a factor in [0, 1]")
+        _check(t.init is None or t.resume is None, "train.init", t.init,
+               "null when train.resume is set (a resumed run already holds its weights)")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config {key}={value!r}: expected {expected}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply ``a.b=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (model, data, head, ...), got {type(data).__name__}")
+    cfg = from_dict(Config, data, source)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Return a new Config with each ``section.key=value`` applied (value parsed as YAML)."""
+    data = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"override {item!r}: unknown config key '{'.'.join(parts[:depth + 1])}'")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            valid = ", ".join(node) if isinstance(node, dict) else ""
+            raise ValueError(f"override {item!r}: unknown config key '{key.strip()}' (valid here: {valid})")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+        cfg = from_dict(Config, data, f"override {item!r}")  # type-check this override now
+    return cfg
+
+
+def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type."""
+    where = prefix.rstrip(".") or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: {where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"{source}: unknown config key '{prefix}{unknown[0]}' (valid {where} keys: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, data[name], source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return value as type tp or raise ValueError naming key and source."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{source}: {key}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this loader does not know
+        raise TypeError(f"config field {key} has unsupported type {tp}")
+    raise ValueError(f"{source}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

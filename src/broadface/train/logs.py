@@ -1,0 +1,141 @@
+"""Training logs: progress bar, CSV files, TensorBoard, in-memory history, callbacks, JSON summary.
+
+Two kinds of record, both plain dicts with a ``step``:
+
+- train records (every ``log_every`` steps): step, epoch, lr, batch_loss,
+  union_loss, queue_fill, compensation_norm, grad_norm, samples_per_s, elapsed_s;
+- eval records: step and ``val_recall@K`` metrics.
+
+They go to ``train.csv`` / ``eval.csv`` and TensorBoard under the output
+directory (when one is given), to ``history`` / ``evals`` and to each callback as
+``callback(kind, record)``. On resume, CSV rows past the resumed step (written
+by the interrupted run after its last checkpoint) are dropped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+TRAIN_FIELDS = ["step", "epoch", "lr", "batch_loss", "union_loss", "queue_fill", "compensation_norm",
+                "grad_norm", "samples_per_s", "elapsed_s"]
+
+
+def _csv_value(v: Any) -> Any:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
+class CsvLog:
+    """Append-only CSV with a fixed header; rows with step > ``keep_until`` are dropped on open."""
+
+    def __init__(self, path: Path, fields: list[str] | None, keep_until: int):
+        self.path, self.fields = path, fields
+        kept: list[dict[str, str]] = []
+        if path.exists() and keep_until > 0:
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = self.fields or reader.fieldnames
+                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= keep_until]
+        self._file = None
+        if self.fields:
+            self._open(kept)
+
+    def _open(self, kept: list[dict[str, str]]) -> None:
+        self._file = self.path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fields, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._file.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:  # header taken from the first record
+            self.fields = list(record)
+            self._open([])
+        self._writer.writerow({k: _csv_value(record.get(k)) for k in self.fields})
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class TrainLogger:
+    """Fan-out of train / eval records. Only the main process should get ``output``."""
+
+    def __init__(self, output: Path | None, total_steps: int, start_step: int = 0, progress: bool = True,
+                 tensorboard: bool = True, callbacks: list[Callback] | None = None,
+                 eval_fields: list[str] | None = None):
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.callbacks = list(callbacks or [])
+        self.output = output
+        self._csv: dict[str, CsvLog] = {}
+        self._tb = None
+        if output is not None:
+            output.mkdir(parents=True, exist_ok=True)
+            self._csv["train"] = CsvLog(output / "train.csv", TRAIN_FIELDS, start_step)
+            self._csv["eval"] = CsvLog(output / "eval.csv", eval_fields, start_step)
+            if tensorboard:
+                self._tb = _summary_writer(output / "tensorboard", start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
+                        dynamic_ncols=True, leave=True)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        """Record a ``"train"`` or ``"eval"`` row everywhere."""
+        (self.history if kind == "train" else self.evals).append(record)
+        if kind in self._csv:
+            self._csv[kind].write(record)
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        if kind == "train":
+            self.bar.set_postfix_str(_postfix(record), refresh=False)
+        else:
+            self.bar.write("step {step}: ".format(**record) + "  ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if k != "step" and isinstance(v, float)))
+        for cb in self.callbacks:
+            cb(kind, record)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        self.bar.write(message)
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        self.bar.close()
+        for c in self._csv.values():
+            c.close()
+        if self._tb is not None:
+            self._tb.close()
+        if summary is not None and self.output is not None:
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _postfix(r: dict[str, Any]) -> str:
+    parts = [f"loss {r['batch_loss']:.3f}"]
+    if r.get("queue_fill"):
+        parts.append(f"union {r['union_loss']:.3f}")
+        parts.append(f"queue {r['queue_fill']}")
+        if r.get("compensation_norm") is not None:
+            parts.append(f"comp {r['compensation_norm']:.3g}")
+    parts.append(f"lr {r['lr']:.3g}")
+    parts.append(f"{r['samples_per_s']:.0f} img/s")
+    return ", ".join(parts)
+
+
+def _summary_writer(path: Path, start_step: int):
+    """TensorBoard writer, or None when tensorboard is not installed (``pip install broadface[logging]``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path), purge_step=start_step if start_step > 0 else None)
