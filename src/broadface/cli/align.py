@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--center-fraction", type=float, default=1.0,
         help="centre-crop fallback: side as a fraction of min(H, W) (default 1.0; 0.52 suits LFW 250x250 photos)",
     )
-    p.add_argument("--landmarks", metavar="TSV", help="also write the detected landmarks (lfw landmarks_mtcnn5.tsv format)")
+    p.add_argument("--landmarks", metavar="TSV",
+                   help="also write the detected landmarks (lfw landmarks_mtcnn5.tsv format)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the outputs (default 95)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=run)
@@ -58,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

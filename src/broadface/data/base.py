@@ -16,6 +16,7 @@ process lists every file any worker skipped, and a flagged file is not decoded a
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from broadface.data.images import ImageDecodeError
+from broadface.data.transforms import chw_float_array
 
 Transform = Callable[..., torch.Tensor]
 ON_ERROR = ("raise", "skip")
@@ -31,10 +33,9 @@ ON_ERROR = ("raise", "skip")
 
 def to_unit_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> float32 CHW tensor in [0, 1] (what ``transform=None`` returns)."""
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    x = chw_float_array(img)
+    np.divide(x, 255.0, out=x)
+    return torch.from_numpy(x)
 
 
 def call_transform(transform: Transform | None, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
@@ -122,7 +123,12 @@ class ImageDataset(Dataset):
         return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes))
 
     @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @functools.cached_property
     def class_to_idx(self) -> dict[str, int]:
+        """{class name: label}, built once (classes are fixed at construction)."""
         return {c: i for i, c in enumerate(self.classes)}
 
     def __repr__(self) -> str:

@@ -48,8 +48,3 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
-
-def image_size(src: Source, name: str | None = None) -> tuple[int, int]:
-    """(height, width) of a decodable image; raises :class:`ImageDecodeError` otherwise."""
-    im = decode_image(src, name)
-    return im.height, im.width

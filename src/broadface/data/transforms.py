@@ -18,17 +18,32 @@ from PIL import Image
 Size = Union[int, tuple[int, int], None]
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> float32 CHW tensor with the raw 0..255 values."""
+def chw_float_array(img: Image.Image) -> np.ndarray:
+    """PIL image -> C-contiguous float32 CHW array with the raw 0..255 values."""
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+# Per-image arithmetic is done in NumPy, not torch: torch's intra-op thread pool makes these
+# tiny ops ~8x slower on a busy machine when loading in the main process (num_workers=0).
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float32 CHW tensor with the raw 0..255 values."""
+    return torch.from_numpy(chw_float_array(img))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """0..255 values -> (x/255 - 0.5)/0.5, i.e. [-1, 1]."""
     return x.div(127.5).sub_(1.0)
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float32 CHW tensor in [-1, 1]: ``normalize(to_tensor(img))``."""
+    x = chw_float_array(img)
+    np.divide(x, 127.5, out=x)
+    np.subtract(x, 1.0, out=x)
+    return torch.from_numpy(x)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -77,11 +92,10 @@ class FaceTransform:
         hw = _hw(self.size)
         if hw is not None and (img.height, img.width) != hw:
             img = img.resize((hw[1], hw[0]), Image.BILINEAR)  # Pillow antialiases when shrinking
-        x = normalize(to_tensor(img))
         # Draw only when flipping is possible, so eval transforms never consume randomness.
         if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
-            x = flip(x)
-        return x
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)
 
 
 @dataclass(frozen=True)

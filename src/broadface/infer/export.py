@@ -44,26 +44,31 @@ def _inference_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
     return fold_batchnorm(model) if fold_bn else model
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | None = 112,
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | None = None,
                 fold_bn: bool = True, opset: int = 17, dynamic_batch: bool = True,
                 dynamo: bool = False) -> Path:
     """Export ``model`` to ONNX at ``path`` (written atomically) and return the path.
 
-    ``input_size`` None means ``model.config['input_size']``. The model itself is
+    ``input_size`` None means ``model.config['input_size']`` (112 without a config). The model itself is
     not modified (export works on a float32 CPU copy).
     """
     import onnx
 
     path = Path(path)
     size = _input_size(model, input_size)
+    if dynamo and opset < 18:
+        raise ValueError(f"opset {opset}: the dynamo exporter needs opset >= 18 (or use dynamo=False)")
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     if n_bytes > _MAX_BYTES:
         raise ValueError(f"{type(model).__name__} has {n_bytes / 1e9:.1f} GB of float32 weights; "
                          "single-file ONNX export is limited to 2 GB")
     net = _inference_copy(model, fold_bn)
     dummy = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
-    with torch.no_grad():
-        net(dummy)  # raises a clear ValueError if input_size does not fit the model
+    try:
+        with torch.no_grad():
+            net(dummy)
+    except (ValueError, RuntimeError) as err:  # e.g. input size the FC layer was not built for
+        raise ValueError(f"cannot export with input_size={size}: {err}") from None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -124,14 +129,20 @@ def check_onnx_parity(model: nn.Module, path: str | os.PathLike, n: int = 8,
         inputs = torch.rand(n, 3, size, size, generator=gen) * 2 - 1
     ref_model = _inference_copy(model, fold_bn=False)
     with torch.no_grad():
-        ref = torch.nn.functional.normalize(ref_model(inputs.float().cpu()), dim=1).numpy()
+        ref = ref_model(inputs.float().cpu()).double().numpy()
     x = inputs.float().cpu().numpy()
     batch = session.get_inputs()[0].shape[0]
     step = batch if isinstance(batch, int) else len(x)  # static-batch exports run in chunks
     out = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + step]})[0]
                           for i in range(0, len(x), step)])
-    out = out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
-    return float(np.abs(out - ref).max())
+    if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+        raise ValueError(f"{path}: non-finite embeddings (PyTorch or ONNX); is the model trained / "
+                         "are its BatchNorm running statistics set?")
+    return float(np.abs(_l2_normalise(out.astype(np.float64)) - _l2_normalise(ref)).max())
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-300)
 
 
 __all__ = ["export_onnx", "check_onnx_parity", "onnx_session", "INPUT_NAME", "OUTPUT_NAME"]

@@ -95,12 +95,12 @@ def _safe_div(a: np.ndarray, b: np.ndarray | int, empty: float) -> np.ndarray:
         return np.where(b == 0, empty, a / np.where(b == 0, 1.0, b))
 
 
-def _interp_slinear(far: np.ndarray, grid: np.ndarray, target: float) -> float:
+def _interp_slinear(far: np.ndarray, grid: np.ndarray, target: float) -> float | None:
     """``interp1d(far, grid, kind="slinear")(target)`` as scipy evaluates it.
 
     Points are stably sorted by FAR; the interval is the last one whose left knot
-    is <= target; a zero-width last interval (target == max FAR, repeated)
-    evaluates to 0, as the order-1 B-spline does.
+    is <= target. A zero-width last interval (target == max FAR, repeated) makes
+    scipy's order-1 B-spline return 0, i.e. distance 0 = accept nothing: None here.
     """
     order = np.argsort(far, kind="mergesort")
     x, y = far[order], grid[order]
@@ -108,7 +108,7 @@ def _interp_slinear(far: np.ndarray, grid: np.ndarray, target: float) -> float:
     i = min(max(i, 0), x.size - 2)
     xa, xb = x[i], x[i + 1]
     if xb == xa:
-        return 0.0
+        return None
     w = 1.0 / (xb - xa)
     return float(y[i] * (w * (xb - target)) + y[i + 1] * (w * (target - xa)))
 
@@ -146,18 +146,18 @@ def kfold_accuracy(scores: Any, issame: Any, folds: int = 10, *, distance: bool 
     acc_all = (tp.sum(0) + neg.sum() - fp.sum(0)) / s.size
 
     # --- VAL@FAR: threshold interpolated on the other folds' FAR curve.
-    vtp, vfp, vpos, vneg = _fold_counts(s_int, y, tests, sign * vgrid)
+    _, vfp, vpos, vneg = _fold_counts(s_int, y, tests, sign * vgrid)
     vfp_tr, vneg_tr = (vfp, vneg) if single else (vfp.sum(0) - vfp, vneg.sum() - vneg)
     vals, fars = np.empty(folds), np.empty(folds)
     for f, t in enumerate(tests):
         far_train = _safe_div(vfp_tr[f], vneg_tr[f], np.nan)
+        thr = None
         if np.nanmax(far_train, initial=-np.inf) >= far_target:
             thr = _interp_slinear(far_train, vgrid, far_target)
-            accept_nothing = thr == 0.0 and not distance and _interp_is_degenerate(far_train, far_target)
-        else:
-            thr, accept_nothing = (0.0 if distance else np.inf), True
-        st, yt = s_int[t], y[t]
-        accepted = st > sign * thr if not accept_nothing or distance else np.zeros_like(yt)
+        if thr is None:  # insightface falls back to distance 0: accept nothing
+            thr = 0.0 if distance else np.inf
+        accepted = s_int[t] > sign * thr
+        yt = y[t]
         vals[f] = _safe_div(np.sum(accepted & yt), vpos[f], np.nan)
         fars[f] = _safe_div(np.sum(accepted & ~yt), vneg[f], np.nan)
 
@@ -168,8 +168,3 @@ def kfold_accuracy(scores: Any, issame: Any, folds: int = 10, *, distance: bool 
         far_target=float(far_target),
     )
 
-
-def _interp_is_degenerate(far: np.ndarray, target: float) -> bool:
-    """True when scipy's slinear interpolation lands on a zero-width last interval (value 0)."""
-    x = np.sort(far)
-    return x.size >= 2 and target == x[-1] and x[-2] == x[-1]

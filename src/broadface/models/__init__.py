@@ -14,23 +14,19 @@ from torch import nn
 from broadface.models.iresnet import IRESNET_LAYERS, IResNet
 from broadface.models.mobilefacenet import MobileFaceNet
 from broadface.models.resnet import RESNET_LAYERS, ResNet, TinyCNN
-from broadface.models.stats import count_macs, count_parameters
+from broadface.models.stats import count_macs, count_parameters, recalibrate_batchnorm
 
-__all__ = ["build_model", "available_models", "count_parameters", "count_macs",
+__all__ = ["build_model", "available_models", "count_parameters", "count_macs", "recalibrate_batchnorm",
            "IResNet", "MobileFaceNet", "ResNet", "TinyCNN"]
-
-
-def _fixed(cls: type[nn.Module], **fixed: Any) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
-    return cls, fixed
 
 
 # name -> (constructor, architecture kwargs fixed by the name)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
-    "iresnet": _fixed(IResNet),  # generic: pass layers=[...] (3 or 4 numbers)
-    **{name: _fixed(IResNet, layers=layers) for name, layers in IRESNET_LAYERS.items()},
-    "mobilefacenet": _fixed(MobileFaceNet),
-    **{name: _fixed(ResNet, layers=layers, block=block) for name, (block, layers) in RESNET_LAYERS.items()},
-    "tinycnn": _fixed(TinyCNN),
+    "iresnet": (IResNet, {}),  # generic: pass layers=[...] (3 or 4 numbers)
+    **{name: (IResNet, {"layers": layers}) for name, layers in IRESNET_LAYERS.items()},
+    "mobilefacenet": (MobileFaceNet, {}),
+    **{name: (ResNet, {"layers": layers, "block": block}) for name, (block, layers) in RESNET_LAYERS.items()},
+    "tinycnn": (TinyCNN, {}),
 }
 
 

@@ -1,5 +1,7 @@
-"""Model size and cost: parameter count and multiply-accumulates per image."""
+"""Model size and cost (parameters, multiply-accumulates) and BatchNorm re-estimation."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -30,3 +32,26 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Reset BatchNorm running statistics and re-estimate them as a plain average over ``batches``.
+
+    Useful after changing the input distribution, and to give randomly initialised
+    nets realistic eval-mode statistics (without it, an untrained iResNet's eval
+    outputs grow to ~1e25 and its embeddings are meaningless). Returns ``model`` in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+    return model.eval()

@@ -37,12 +37,14 @@ class ModelConfig:
 class DataConfig:
     """Training / validation images: a named set ("lfw", "celeba299", "omniglot") or an image folder."""
 
-    name: str = "celeba299"  # or "folder": <root>/<identity>/*.jpg (e.g. an unpacked MS1M)
-    root: str | None = None  # data root for named sets (None: broadface.paths.data_root()); the folder for "folder"
+    name: Literal["lfw", "celeba299", "omniglot", "folder", "recordio"] = "celeba299"  # folder: root/<identity>/*.jpg
+    root: str | None = None  # named sets: the data root (null: broadface.paths.data_root()); else the set's path
     train_split: str = "train"
     val_split: str | None = "test"  # held-out identities for Recall@K; null disables evaluation
+    val_root: str | None = None  # folder/recordio: a validation image folder of other identities (optional)
     flip: bool = True  # random horizontal flip while training
     num_workers: int = 0
+    on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable image is replaced by the next readable one
 
 
 @dataclass
@@ -55,7 +57,8 @@ class HeadConfig:
     margins: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.2])  # combined: cos(m1*theta + m2) - m3
     queue_size: int = 0  # embeddings kept from past steps (paper: 8192 per GPU)
     compensate: bool = True  # e* = e- + (|e-| / |W-_y|) (W_y - W-_y)
-    chunk_size: int | None = None  # process the union in chunks of this many rows (memory)
+    chunk_size: int = 4096  # rows of the union whose (rows x classes) logits are alive at once (memory)
+    storage: Literal["compact", "full"] = "compact"  # compact: D+2 numbers per entry; full: e- and W-_y
     storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # queue storage
 
 
@@ -100,7 +103,7 @@ class TrainConfig:
     amp: Amp = "none"  # bf16 autocast (CPU/CUDA) or fp16 autocast + GradScaler (CUDA)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output: str = "runs/broadface"
+    output: str | None = "runs/broadface"  # null: keep everything in memory, write no file
     log_every: int = 50
     checkpoint_every: int = 1000  # 0: final checkpoint only
     keep_checkpoints: int = 3  # periodic checkpoints kept (0: keep all)
@@ -108,6 +111,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     eval_flip: bool = True  # add the embedding of the flipped image at evaluation
     init: str | None = None  # warm start: backbone + classifier from this checkpoint
+    init_head: bool = True  # also copy the classifier W from train.init (same classes, same order)
     resume: str | None = None  # continue exactly from this checkpoint ("auto": latest in output)
     tensorboard: bool = True
 
@@ -147,9 +151,7 @@ class Config:
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
         _check(h.scale > 0, "head.scale", h.scale, "> 0")
         _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
-        _check(h.chunk_size is None or h.chunk_size > 0, "head.chunk_size", h.chunk_size, "null or > 0")
-        _check(s.warmup_steps < t.steps or s.warmup_steps == 0, "schedule.warmup_steps", s.warmup_steps,
-               f"fewer than train.steps={t.steps}")
+        _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
         _check(list(s.milestones) == sorted(set(s.milestones)) and all(m > 0 for m in s.milestones),
                "schedule.milestones", s.milestones, "strictly increasing positive steps")
         _check(0 <= s.warmup_start <= 1, "schedule.warmup_start", s.warmup_start, "a factor in [0, 1]")

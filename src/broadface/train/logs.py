@@ -83,6 +83,7 @@ class TrainLogger:
             self._csv["eval"] = CsvLog(output / "eval.csv", eval_fields, start_step)
             if tensorboard:
                 self._tb = _summary_writer(output / "tensorboard", start_step)
+        self.progress = progress
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
                         dynamic_ncols=True, leave=True)
 
@@ -99,16 +100,11 @@ class TrainLogger:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
         if kind == "train":
-            self.bar.set_postfix_str(_postfix(record), refresh=False)
-        else:
-            self.bar.write("step {step}: ".format(**record) + "  ".join(
-                f"{k} {v:.4f}" for k, v in record.items() if k != "step" and isinstance(v, float)))
+            self.bar.set_postfix_str(format_record(record), refresh=False)
+        elif self.progress:
+            self.bar.write(f"step {record['step']}: {format_record(record)}")
         for cb in self.callbacks:
             cb(kind, record)
-
-    def write(self, message: str) -> None:
-        """Print a line without breaking the progress bar."""
-        self.bar.write(message)
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         self.bar.close()
@@ -120,7 +116,10 @@ class TrainLogger:
             (self.output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _postfix(r: dict[str, Any]) -> str:
+def format_record(r: dict[str, Any]) -> str:
+    """One short line: losses, queue, lr and speed of a train record; the metrics of an eval record."""
+    if "batch_loss" not in r:
+        return "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step" and isinstance(v, float))
     parts = [f"loss {r['batch_loss']:.3f}"]
     if r.get("queue_fill"):
         parts.append(f"union {r['union_loss']:.3f}")
@@ -139,3 +138,25 @@ def _summary_writer(path: Path, start_step: int):
     except ImportError:
         return None
     return SummaryWriter(str(path), purge_step=start_step if start_step > 0 else None)
+
+
+class IntervalMeter:
+    """Averages the losses (and measures samples/s) over one log interval; other stats are the last step's."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.samples, self.seconds, self.sums, self.last = 0, 0, 0.0, {}, {}
+
+    def add(self, stats: dict[str, Any], samples: int, seconds: float) -> None:
+        self.n, self.samples, self.seconds = self.n + 1, self.samples + samples, self.seconds + seconds
+        for k in ("batch_loss", "union_loss"):
+            self.sums[k] = self.sums.get(k, 0.0) + stats[k]
+        self.last = stats
+
+    def flush(self) -> dict[str, Any]:
+        out = {**self.last, **{k: v / self.n for k, v in self.sums.items()},
+               "samples_per_s": self.samples / self.seconds if self.seconds > 0 else 0.0}
+        self.reset()
+        return out

@@ -1,0 +1,56 @@
+"""``broadface train CONFIG [key=value ...]``: train a backbone with a margin loss and (optionally) BroadFace."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Train a face-recognition / metric-learning backbone from a YAML config (see configs/ and
+docs/training.md). Any config key can be overridden as section.key=value, e.g.
+  broadface train configs/omniglot_tinycnn.yaml optim.lr=0.05 head.queue_size=0 train.steps=200
+Values are parsed as YAML (numbers, true/false, null, [lists]). Outputs go to train.output:
+checkpoints/step_N.pt, final.pt, train.csv, eval.csv, tensorboard/, summary.json.
+Resume an interrupted run exactly with train.resume=auto (or a checkpoint path);
+warm-start from another run's weights with train.init=PATH."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a model (margin loss + BroadFace queue)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config file, e.g. configs/omniglot_tinycnn.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.1")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    p.add_argument("--no-progress", action="store_true",
+                   help="print one plain line per log interval / evaluation instead of a progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from broadface.cli.main import CLIError
+    from broadface.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides).validate()
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from broadface.train.logs import format_record
+    from broadface.train.trainer import Trainer, TrainingDiverged
+
+    def print_line(kind: str, record: dict) -> None:
+        print(f"{kind} step {record['step']}: {format_record(record)}", flush=True)
+
+    try:
+        result = Trainer(cfg, progress=not args.no_progress, callbacks=[print_line] if args.no_progress else []).fit()
+    except TrainingDiverged as err:
+        raise CLIError(str(err)) from None
+    last = result.history[-1] if result.history else {}
+    parts = [f"step {result.summary['step']}"]
+    if last:
+        parts.append(f"batch loss {last['batch_loss']:.4f}")
+        if last.get("queue_fill"):
+            parts.append(f"union loss {last['union_loss']:.4f}")
+    if result.evals:
+        parts += [f"{k} {v:.4f}" for k, v in result.evals[-1].items() if k.startswith("val_")]
+    print("done: " + ", ".join(parts))
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    return 0

@@ -1,0 +1,110 @@
+"""Evaluation plots as PNG files (matplotlib, Agg canvas, no pyplot global state).
+
+* :func:`plot_roc` — TAR vs FAR on a log FAR axis, one labelled curve per model/set;
+* :func:`plot_cmc` — identification rate vs rank;
+* :func:`plot_learning_curves` — one panel per metric, ``name -> [(step, value), ...]``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_roc", "plot_cmc", "plot_learning_curves"]
+
+
+def _figure(width: float = 6.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _as_roc(value: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr), or an eval result / pair with ``scores`` and ``issame`` -> its ROC."""
+    from broadface.metrics import roc
+
+    if isinstance(value, Mapping) and "scores" in value and "issame" in value:
+        fpr, tpr, _ = roc(value["scores"], value["issame"])
+        return fpr, tpr
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return np.asarray(value[0], dtype=float), np.asarray(value[1], dtype=float)
+    raise ValueError("plot_roc curves must be (fpr, tpr) pairs or dicts with 'scores' and 'issame'")
+
+
+def plot_roc(curves: Mapping[str, Any], path: str | os.PathLike, *, title: str = "ROC",
+             far_range: tuple[float, float] = (1e-6, 1.0)) -> Path:
+    """Save TAR vs FAR (log axis) for ``{label: (fpr, tpr) or eval result}``; points at FAR 0 are not drawn."""
+    if not curves:
+        raise ValueError("plot_roc: no curves given")
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, value in curves.items():
+        fpr, tpr = _as_roc(value)
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], label=str(label), linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(*far_range)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("False accept rate (FAR)")
+    ax.set_ylabel("True accept rate (TAR)")
+    ax.set_title(title)
+    ax.grid(True, which="both", linestyle=":", linewidth=0.5)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_cmc(curves: Mapping[str, Mapping[int, float]], path: str | os.PathLike, *, title: str = "CMC") -> Path:
+    """Save identification rate vs rank for ``{label: {rank: rate}}``."""
+    if not curves:
+        raise ValueError("plot_cmc: no curves given")
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ranks = sorted(int(r) for r in points)
+        ax.plot(ranks, [points[r] for r in ranks], marker="o", markersize=3, label=str(label))
+    ax.set_xscale("log")
+    ax.set_xlabel("Rank")
+    ax.set_ylabel("Identification rate")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(title)
+    ax.grid(True, which="both", linestyle=":", linewidth=0.5)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_learning_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                         title: str = "Training", log_scale: Sequence[str] = ()) -> Path:
+    """Save one panel per metric from ``{name: [(step, value), ...]}``; names in ``log_scale`` get a log y axis."""
+    series = {k: v for k, v in series.items() if len(v)}
+    if not series:
+        raise ValueError("plot_learning_curves: no non-empty series given")
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig = _figure(4.0 * cols, 3.0 * rows)
+    for i, (name, points) in enumerate(series.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        pts = np.asarray(points, dtype=float)
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            raise ValueError(f"plot_learning_curves: series {name!r} must be a list of (step, value) pairs")
+        ax.plot(pts[:, 0], pts[:, 1], marker="." if len(pts) < 50 else None)
+        if name in log_scale:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, linestyle=":", linewidth=0.5)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,42 @@
+"""``broadface train``: runs a preset end to end, prints the config, reports bad keys plainly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from broadface.cli.main import main
+from broadface.train.checkpoint import load_checkpoint
+from broadface.train.config import load_config
+
+OMNIGLOT = str(Path(__file__).resolve().parents[2] / "configs" / "omniglot_tinycnn.yaml")
+SMALL = ["train.steps=3", "train.batch_size=8", "model.embedding_size=16", "model.kwargs={width: 8}",
+         "head.queue_size=16", "data.val_split=null", "train.log_every=1", "train.tensorboard=false"]
+
+
+def test_train_preset_end_to_end(tmp_path, capsys):
+    assert main(["train", OMNIGLOT, *SMALL, f"train.output={tmp_path}", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and f"checkpoint: {tmp_path / 'final.pt'}" in out
+    ckpt = load_checkpoint(tmp_path / "final.pt")
+    assert ckpt["step"] == 3 and ckpt["model"]["name"] == "tinycnn" and int(ckpt["head"]["queue.fill"]) == 16
+    assert ckpt["num_classes"] == 136  # Omniglot training alphabets
+    # resume=auto on a finished run: nothing left to do, same checkpoint
+    assert main(["train", OMNIGLOT, *SMALL, f"train.output={tmp_path}", "train.resume=auto", "--no-progress"]) == 0
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    assert main(["train", OMNIGLOT, "optim.lr=0.01", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(printed)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.optim.lr == 0.01 and cfg.model.name == "tinycnn"
+    assert yaml.safe_load(printed)["optim"]["lr"] == 0.01
+
+
+def test_bad_key_is_a_one_line_error(capsys):
+    assert main(["train", OMNIGLOT, "optim.lerning_rate=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("broadface train: error:") and "optim.lerning_rate" in err and "Traceback" not in err
+    assert main(["train", "no/such.yaml"]) == 2
+    assert "no/such.yaml does not exist" in capsys.readouterr().err

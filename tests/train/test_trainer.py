@@ -1,0 +1,213 @@
+"""The training loop: exact resume, divergence, accumulation, clipping, warm start, AMP."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from broadface.train.checkpoint import load_backbone, load_checkpoint
+from broadface.train.trainer import Trainer, TrainingDiverged, train
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def callback(kind, record):
+        if kind == "train" and record["step"] == step:
+            raise Crash(f"simulated crash at step {step}")
+    return callback
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Bit-identical nested state (tensors compared exactly, NaN-free)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max |diff| {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_identical(tmp_path, faces, make_config, workers):
+    """N steps straight == k steps, crash, resume, N-k steps (BroadFace queue + random flips on)."""
+    opts = ["head.queue_size=20", f"data.num_workers={workers}", "train.steps=8", "schedule.warmup_steps=2",
+            "schedule.milestones=[5]", "optim.clip_grad=5.0"]
+    straight = Trainer(make_config(tmp_path / "a", *opts), train_set=faces, progress=False).fit()
+    with pytest.raises(Crash):  # dies after step 5; the last checkpoint is step 4
+        Trainer(make_config(tmp_path / "b", *opts), train_set=faces, progress=False, callbacks=[crash_at(5)]).fit()
+    assert not (tmp_path / "b" / "final.pt").exists()
+    torch.manual_seed(1234)  # a resumed process starts from other RNG states
+    resumed = Trainer(make_config(tmp_path / "b", *opts, "train.resume=auto"), train_set=faces, progress=False)
+    assert resumed.step == 4 and resumed.stream.position == {"epoch": 0, "batch": 4}
+    result = resumed.fit()
+
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(result.checkpoint)
+    assert a["step"] == b["step"] == 8 and a["data"] == b["data"] == {"epoch": 1, "batch": 2}
+    assert int(a["head"]["queue.fill"]) == 20  # the queue is full and wrapped
+    for key in ("backbone", "head", "optimizer", "scheduler", "rng"):
+        assert_same_state(a[key], b[key], key)
+    # the resumed run logged steps 5..8 with the straight run's values
+    tail = {r["step"]: r["batch_loss"] for r in straight.history if r["step"] > 4}
+    assert tail == {r["step"]: r["batch_loss"] for r in result.history}
+
+
+def test_different_seed_changes_weights(tmp_path, faces, make_config):
+    """Guard for the test above: the comparison can fail."""
+    a = Trainer(make_config(None, "train.steps=2"), train_set=faces, progress=False)
+    a.fit()
+    b = Trainer(make_config(None, "train.steps=2", "train.seed=1"), train_set=faces, progress=False)
+    b.fit()
+    assert not torch.equal(a.model.state_dict()["fc.weight"], b.model.state_dict()["fc.weight"])
+
+
+class PoisonOnStep:
+    """Dataset wrapper whose images become NaN once ``armed`` (set by a callback)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.armed = dataset, False
+        self.classes = dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return (torch.full_like(x, float("nan")) if self.armed else x), y
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, faces, make_config):
+    data = PoisonOnStep(faces)
+
+    def arm(kind, record):
+        if record["step"] == 5:
+            data.armed = True
+
+    cfg = make_config(tmp_path, "head.queue_size=16", "train.checkpoint_every=4")
+    with pytest.raises(TrainingDiverged, match=r"step 6: non-finite loss") as err:
+        Trainer(cfg, train_set=data, progress=False, callbacks=[arm]).fit()
+    good = tmp_path / "checkpoints" / "step_0000004.pt"
+    assert str(good) in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004.pt"]
+    assert not (tmp_path / "final.pt").exists()
+    ckpt = load_checkpoint(good)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
+    import json
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+class LinearNet(nn.Module):
+    """BN-free backbone, so micro-batches and the full batch give the same gradient."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fc = nn.Linear(3 * 28 * 28, dim)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("queue", [0, 32])
+def test_gradient_accumulation_matches_full_batch(faces, make_config, queue):
+    def run(batch, accum):
+        torch.manual_seed(0)
+        cfg = make_config(None, f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.steps=1",
+                          f"head.queue_size={queue}", "optim.momentum=0.0", "optim.weight_decay=0.0")
+        t = Trainer(cfg, train_set=faces, model=LinearNet(), progress=False)
+        t.fit()
+        return t
+
+    full, accum = run(8, 1), run(4, 2)
+    for (name, p), q in zip(full.model.named_parameters(), accum.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(full.head.margin.weight, accum.head.margin.weight, rtol=1e-5, atol=1e-6)
+    if queue:  # both enqueued the same 8 embeddings, in the same order
+        assert int(accum.head.queue.fill) == 8
+        torch.testing.assert_close(full.head.queue.vectors, accum.head.queue.vectors, rtol=1e-5, atol=1e-6)
+    # the accumulated step really summed two halves (not just the last micro-batch)
+    half = run(4, 1)
+    assert not torch.allclose(half.model.fc.weight, full.model.fc.weight, atol=1e-6)
+
+
+def test_clip_grad_bounds_backbone_gradient(faces, make_config):
+    t = Trainer(make_config(None, "optim.clip_grad=0.01", "train.steps=1"), train_set=faces, progress=False)
+    result = t.fit()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.model.parameters()]))
+    assert result.history[0]["grad_norm"] > 0.01  # the raw norm was larger: clipping acted
+    assert float(norm) <= 0.01 * (1 + 1e-4)
+
+
+def test_warm_start_loads_backbone_and_classifier(tmp_path, faces, make_faces, make_config):
+    first = train(make_config(tmp_path / "a", "train.steps=2"), train_set=faces, progress=False)
+    t = Trainer(make_config(None, f"train.init={first.checkpoint}", "head.queue_size=16"), train_set=faces,
+                progress=False)
+    src = load_checkpoint(first.checkpoint)
+    assert_same_state(src["backbone"], t.model.state_dict())
+    assert torch.equal(src["head"]["margin.weight"], t.head.margin.weight)
+    assert int(t.head.queue.fill) == 0 and t.step == 0  # fresh queue and schedule
+
+    other = make_faces(40, 5, 4, flip=True)  # 5 classes, not 8
+    with pytest.raises(ValueError, match=r"classifier has shape \(8, 16\).*needs \(5, 16\)"):
+        Trainer(make_config(None, f"train.init={first.checkpoint}"), train_set=other, progress=False)
+    t = Trainer(make_config(None, f"train.init={first.checkpoint}", "train.init_head=false"), train_set=other,
+                progress=False)
+    assert_same_state(src["backbone"], t.model.state_dict())
+    with pytest.raises(ValueError, match="differs from this run's model"):
+        Trainer(make_config(None, f"train.init={first.checkpoint}", "model.embedding_size=8"), train_set=faces,
+                progress=False)
+
+
+def test_checkpoint_contents_and_load_backbone(tmp_path, faces, make_config):
+    result = train(make_config(tmp_path, "train.keep_checkpoints=2"), train_set=faces, progress=False)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_0000004.pt", "step_0000006.pt"]  # older ones pruned
+    assert result.checkpoint == tmp_path / "final.pt"
+    ckpt = load_checkpoint(result.checkpoint)  # weights_only=True
+    assert {"model", "backbone", "head", "optimizer", "scheduler", "scaler", "rng", "data", "step",
+            "config"} <= set(ckpt)
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
+    model = load_backbone(result.checkpoint)
+    x = torch.randn(2, 3, 28, 28)
+    t = Trainer(make_config(None, f"train.resume={result.checkpoint}"), train_set=faces, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(x), t.model.eval()(x))
+
+
+def test_bf16_autocast_on_cpu(faces, make_config):
+    result = train(make_config(None, "train.amp=bf16", "head.queue_size=16", "train.steps=3"), train_set=faces,
+                   progress=False)
+    assert all(math.isfinite(r["batch_loss"]) and math.isfinite(r["union_loss"]) for r in result.history)
+
+
+def test_fp16_on_cpu_is_refused(faces, make_config):
+    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device"):
+        Trainer(make_config(None, "train.amp=fp16", "train.device=cpu"), train_set=faces, progress=False)
+
+
+def test_evaluation_reports_recall(faces, val_faces, make_config):
+    result = train(make_config(None, "train.steps=4", "train.eval_every=2"), train_set=faces, val_set=val_faces,
+                   progress=False)
+    assert [e["step"] for e in result.evals] == [2, 4]
+    for e in result.evals:
+        assert 0.0 <= e["val_recall@1"] <= e["val_recall@2"] <= e["val_recall@4"] <= e["val_recall@8"] <= 1.0
+    assert result.metric("val_recall@1")[-1][0] == 4
+
+
+def test_history_lr_follows_schedule(faces, make_config):
+    result = train(make_config(None, "schedule.warmup_steps=2", "schedule.milestones=[4]", "schedule.gamma=0.1"),
+                   train_set=faces, progress=False)
+    lrs = [r["lr"] for r in result.history]
+    assert lrs == pytest.approx([0.025, 0.05, 0.05, 0.05, 0.005, 0.005])
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.checkpoint is None and result.summary["status"] == "completed"
