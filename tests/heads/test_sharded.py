@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (DDP imports it lazily; once here, before forking, not in every worker)
 import torch.nn.functional as F
 from torch import nn
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from broadface.data.masks_grid import add_masks_parser
+
 
 def _add_pack(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
@@ -43,12 +45,12 @@ def _add_info(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_info)
 
 
-ACTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_pack]
+ACTIONS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_pack, add_masks_parser]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "data", help="inspect and convert data sets (pack, info)",
+        "data", help="inspect, convert and preview data sets (info, pack, masks)",
         description="Inspect and convert data sets. Run `broadface data ACTION -h` for an action's options.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
