@@ -160,13 +160,13 @@ def bench_throughput(models: list[str], batches: list[int], repeat: int) -> None
                 x = torch.rand(b, 3, 112, 112) * 2 - 1
                 xn = x.numpy()
                 with torch.inference_mode():
-                    model(x)  # warm-up
+                    model(x), model(x)  # warm-up
                     t_pt = []
                     for _ in range(repeat):
                         t0 = time.perf_counter()
                         model(x)
                         t_pt.append(time.perf_counter() - t0)
-                sess.run(None, {"data": xn})
+                sess.run(None, {"data": xn}), sess.run(None, {"data": xn})
                 t_ox = []
                 for _ in range(repeat):
                     t0 = time.perf_counter()
@@ -183,6 +183,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (2M scores, 10k retrieval, batch 1/16)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d")
+    p.add_argument("--threads", type=int, help="(d) threads for PyTorch and ONNX Runtime (default: torch's default)")
+    p.add_argument("--batches", help="(d) comma list of batch sizes (default 1,64; --quick 1,16)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     print(f"bench/eval.py  quick={args.quick}  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}")
@@ -193,7 +195,12 @@ def main() -> int:
     if "c" not in skip:
         bench_search(10_000 if args.quick else 60_000)
     if "d" not in skip:
-        bench_throughput(["mobilefacenet", "iresnet50"], [1, 16] if args.quick else [1, 64], 3 if args.quick else 5)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 16] if args.quick else [1, 64]
+        bench_throughput(["mobilefacenet", "iresnet50"], batches, 3)
     return 0
 
 

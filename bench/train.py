@@ -124,7 +124,8 @@ def main() -> None:
         for q in args.queues:  # alternate so drift in machine load hits every queue size alike
             runs[q].append(run_config(args, q))
     base = statistics.median(r["step_s"] for r in runs[args.queues[0]])
-    print(f"{'queue Q':>8} {'filled':>7} {'step ms':>9} {'samples/s':>10} {'peak MB':>9} {'vs Q=' + str(args.queues[0]):>9}")
+    ref = f"vs Q={args.queues[0]}"
+    print(f"{'queue Q':>8} {'filled':>7} {'step ms':>9} {'samples/s':>10} {'peak MB':>9} {ref:>9}")
     for q in args.queues:
         step = statistics.median(r["step_s"] for r in runs[q])
         peak = max(r["peak_mb"] for r in runs[q])

@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from broadface.cli.main import main
@@ -41,7 +40,7 @@ def test_eval_lfw_end_to_end(checkpoint, lfw_root, tmp_path, capsys):
     assert read_threshold(out)[0] == pytest.approx(report["cosine_threshold"])
 
 
-def test_eval_retrieval_named_set_no_flip(checkpoint, tmp_path, capsys):
+def test_eval_retrieval_folder_no_flip(checkpoint, tmp_path, capsys):
     rc = main(["eval", str(checkpoint), "--retrieval", str(_small_folder(tmp_path)), "--no-flip",
                "--json", str(tmp_path / "r.json")])
     assert rc == 0

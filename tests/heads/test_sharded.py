@@ -61,6 +61,15 @@ def _equivalence_worker(rank, world, tmp):
                 head.weight.sub_(LR * head.weight.grad)
         torch.save(out, tmp / f"{name}.{rank}.pt")
     torch.save(_ddp_micro_batch_run(rank, world), tmp / f"ddp.{rank}.pt")
+    head = build_sharded(CONFIGS["local"])  # bad labels on rank 1 only: every rank raises, none hangs
+    labels = torch.tensor([0, 1, 99 if rank else 2])
+    try:
+        head(torch.randn(3, D), labels)
+        torch.save("no error", tmp / f"bad.{rank}.pt")
+    except ValueError as err:
+        torch.save(str(err), tmp / f"bad.{rank}.pt")
+    fresh = build_sharded(CONFIGS["local"]).gather_full_state()  # empty queues gather too
+    assert rank or len(fresh["queue"]["labels"]) == 0
 
 
 def _encoder():
@@ -137,8 +146,9 @@ def _sampled_reference(cfg, sampled_per_step):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded")
     spawn(_equivalence_worker, WORLD, tmp)
-    return {name: [torch.load(tmp / f"{name}.{r}.pt", weights_only=False) for r in range(WORLD)]
-            for name in [*CONFIGS, "ddp"]}
+    out = {name: [torch.load(tmp / f"{name}.{r}.pt", weights_only=False) for r in range(WORLD)]
+           for name in [*CONFIGS, "ddp"]}
+    return dict(out, tmp=tmp)
 
 
 def close(a, b, rtol=1e-4, atol=1e-6):
@@ -200,6 +210,12 @@ def test_ddp_micro_batched_encoder_gradient_equals_full_batch(runs):
         with torch.no_grad():
             for p in list(enc.parameters()) + [head.weight]:
                 p.sub_(0.5 * p.grad)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(runs):
+    tmp = runs["tmp"]
+    assert "label 99 is outside [0, 13)" in torch.load(tmp / "bad.1.pt")
+    assert "rank(s) [1] passed invalid" in torch.load(tmp / "bad.0.pt")
 
 
 def test_single_process_sharded_head_is_the_plain_head():

@@ -27,8 +27,8 @@ def test_paper_preset_matches_the_paper():
 
 def test_overrides_are_parsed_as_yaml_and_typed():
     cfg = apply_overrides(Config(), ["optim.lr=0.05", "schedule.milestones=[10, 20]", "train.init=null",
-                                     "head.compensate=false", "optim.weight_decay=5e-4", "model.kwargs={layers: [1,1,1,1]}",
-                                     "optim.clip_grad=5"])
+                                     "head.compensate=false", "optim.weight_decay=5e-4",
+                                     "model.kwargs={layers: [1,1,1,1]}", "optim.clip_grad=5"])
     assert cfg.optim.lr == 0.05 and cfg.schedule.milestones == [10, 20] and cfg.train.init is None
     assert cfg.head.compensate is False and cfg.model.kwargs == {"layers": [1, 1, 1, 1]}
     assert cfg.optim.weight_decay == 5e-4  # YAML 1.1 reads "5e-4" as a string; accepted for floats

@@ -1,6 +1,7 @@
 """The training loop: exact resume, divergence, accumulation, clipping, warm start, AMP."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -39,17 +40,39 @@ def assert_same_state(a: dict, b: dict, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+class DropoutNet(nn.Module):
+    """tinycnn + dropout on the embedding: training draws from the global torch RNG every step."""
+
+    def __init__(self):
+        super().__init__()
+        from broadface.models import build_model
+
+        self.body = build_model("tinycnn", embedding_size=16, input_size=28, width=16)
+        self.drop = nn.Dropout(0.3)
+        self.config = self.body.config
+
+    def forward(self, x):
+        return self.drop(self.body(x))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_bit_identical(tmp_path, faces, make_config, workers):
-    """N steps straight == k steps, crash, resume, N-k steps (BroadFace queue + random flips on)."""
+def test_resume_is_bit_identical(tmp_path, faces, val_faces, make_config, workers):
+    """N steps straight == k steps, crash, resume, N-k steps (BroadFace queue, random flips, dropout,
+    evaluation on, warm-up + multistep, clipping)."""
     opts = ["head.queue_size=20", f"data.num_workers={workers}", "train.steps=8", "schedule.warmup_steps=2",
-            "schedule.milestones=[5]", "optim.clip_grad=5.0"]
-    straight = Trainer(make_config(tmp_path / "a", *opts), train_set=faces, progress=False).fit()
+            "schedule.milestones=[5]", "optim.clip_grad=5.0", "train.eval_every=3"]
+
+    def trainer(out, *extra, **kw):
+        torch.manual_seed(0)  # an injected model is used as given: same initial weights in every run
+        return Trainer(make_config(out, *opts, *extra), train_set=faces, val_set=val_faces, model=DropoutNet(),
+                       progress=False, **kw)
+
+    straight = trainer(tmp_path / "a").fit()
     with pytest.raises(Crash):  # dies after step 5; the last checkpoint is step 4
-        Trainer(make_config(tmp_path / "b", *opts), train_set=faces, progress=False, callbacks=[crash_at(5)]).fit()
+        trainer(tmp_path / "b", callbacks=[crash_at(5)]).fit()
     assert not (tmp_path / "b" / "final.pt").exists()
     torch.manual_seed(1234)  # a resumed process starts from other RNG states
-    resumed = Trainer(make_config(tmp_path / "b", *opts, "train.resume=auto"), train_set=faces, progress=False)
+    resumed = trainer(tmp_path / "b", "train.resume=auto")
     assert resumed.step == 4 and resumed.stream.position == {"epoch": 0, "batch": 4}
     result = resumed.fit()
 
@@ -58,9 +81,11 @@ def test_resume_is_bit_identical(tmp_path, faces, make_config, workers):
     assert int(a["head"]["queue.fill"]) == 20  # the queue is full and wrapped
     for key in ("backbone", "head", "optimizer", "scheduler", "rng"):
         assert_same_state(a[key], b[key], key)
-    # the resumed run logged steps 5..8 with the straight run's values
-    tail = {r["step"]: r["batch_loss"] for r in straight.history if r["step"] > 4}
-    assert tail == {r["step"]: r["batch_loss"] for r in result.history}
+    # the resumed run logged steps 5..8 and evaluated at 6 and 8 with the straight run's values
+    key = ("step", "batch_loss", "union_loss", "lr", "queue_fill", "compensation_norm", "grad_norm")
+    assert [[r[k] for k in key] for r in straight.history if r["step"] > 4] == [[r[k] for k in key]
+                                                                                for r in result.history]
+    assert [e for e in straight.evals if e["step"] > 4] == result.evals
 
 
 def test_different_seed_changes_weights(tmp_path, faces, make_config):
@@ -102,8 +127,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, faces, mak
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004.pt"]
     assert not (tmp_path / "final.pt").exists()
     ckpt = load_checkpoint(good)
-    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
-    import json
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
@@ -211,3 +236,23 @@ def test_history_lr_follows_schedule(faces, make_config):
     assert lrs == pytest.approx([0.025, 0.05, 0.05, 0.05, 0.005, 0.005])
     assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]
     assert result.checkpoint is None and result.summary["status"] == "completed"
+
+
+def test_resume_errors_and_auto_without_checkpoint(tmp_path, faces, make_config):
+    fresh = Trainer(make_config(tmp_path, "train.resume=auto", "head.queue_size=16", "train.steps=2"),
+                    train_set=faces, progress=False)
+    assert fresh.step == 0  # nothing to resume yet: starts from scratch
+    fresh.fit()
+    ckpt = tmp_path / "checkpoints" / "step_0000002.pt"
+    with pytest.raises(ValueError, match=r"step_0000002.pt: checkpoint does not match this config"):
+        Trainer(make_config(None, f"train.resume={ckpt}", "head.queue_size=32"), train_set=faces, progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+        Trainer(make_config(None, f"train.resume={tmp_path / 'nope.pt'}"), train_set=faces, progress=False)
+    with pytest.raises(ValueError, match="train.init"):
+        make_config(None, f"train.resume={ckpt}", f"train.init={ckpt}").validate()
+
+
+def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path, faces, make_config):
+    train(make_config(tmp_path, "train.steps=2"), train_set=faces, progress=False)
+    with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=auto"):
+        Trainer(make_config(tmp_path, "train.steps=4"), train_set=faces, progress=False)

@@ -18,6 +18,9 @@ Images are embedded with flip test-time augmentation unless --no-flip. Named dat
 data root ($BROADFACE_DATA or ../shared/data) and use their test split."""
 
 
+CMC_RANKS = (1, 2, 3, 5, 10, 20, 50)  # plotted; the table shows 1, 5, 10
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint (LFW, .bin, IJB-B/C, retrieval, identification)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--max-pairs", type=int, help="evaluate only N evenly spaced pairs (quick checks)")
     o.add_argument("--mask-one", action="store_true",
                    help="masked-face setting: put a synthetic mask on the second image of every pair")
+    o.add_argument("--mask-seed", type=int, default=0, help="seed of the synthetic masks (default 0)")
     o.add_argument("--device", default="cpu", help="torch device (default cpu)")
     o.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
     o.add_argument("--data-root", help="data root for --lfw and named sets (default: $BROADFACE_DATA or shared/data)")
@@ -88,7 +92,7 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
             line = "  ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k.startswith(("recall@", "map@")))
             line += f"   ({r['queries']} images, {r['identities']} identities)"
         else:
-            line = "  ".join(f"rank-{k} {v:.4f}" for k, v in r["cmc"].items())
+            line = "  ".join(f"rank-{k} {v:.4f}" for k, v in r["cmc"].items() if k in (1, 5, 10))
             line += f"   ({r['probes']} probes, gallery {r['gallery']})"
         print(f"{name:<24} {line}")
 
@@ -135,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         key = ps.name + ("-masked" if hook else "")
         print(f"evaluating {key} ...", file=sys.stderr)
         results[key] = {"protocol": "pairs", **ev.evaluate_pairs(model, ps.subset(args.max_pairs), folds=args.folds,
-                                                                 image_hook=hook, **common)}
+                                                                 image_hook=hook, hook_seed=args.mask_seed,
+                                                                 **common)}
     if args.ijb:
         print(f"evaluating {args.ijb_name} ...", file=sys.stderr)
         results[args.ijb_name] = {"protocol": "ijb", **ev.evaluate_templates(model, args.ijb, args.ijb_name, **common)}
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         data, label = _named_or_folder(args.identification, size, args.data_root)
         print(f"evaluating identification on {label} ...", file=sys.stderr)
         results[f"identification:{Path(args.identification).name}"] = {
-            "protocol": "identification", **ev.evaluate_identification(model, data, **common)}
+            "protocol": "identification", **ev.evaluate_identification(model, data, ranks=CMC_RANKS, **common)}
 
     _print_table(results)
     if args.plots:

@@ -47,17 +47,24 @@ def _as_roc(value: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_roc(curves: Mapping[str, Any], path: str | os.PathLike, *, title: str = "ROC",
              far_range: tuple[float, float] = (1e-6, 1.0)) -> Path:
-    """Save TAR vs FAR (log axis) for ``{label: (fpr, tpr) or eval result}``; points at FAR 0 are not drawn."""
+    """Save TAR vs FAR (log axis) for ``{label: (fpr, tpr) or eval result}``.
+
+    Points at FAR 0 cannot be drawn on a log axis; the axis starts at ``far_range[0]``
+    or just below the smallest non-zero FAR of the curves, whichever is larger.
+    """
     if not curves:
         raise ValueError("plot_roc: no curves given")
     fig = _figure()
     ax = fig.add_subplot()
+    smallest = far_range[1]
     for label, value in curves.items():
         fpr, tpr = _as_roc(value)
         keep = fpr > 0
+        if keep.any():
+            smallest = min(smallest, float(fpr[keep].min()))
         ax.plot(fpr[keep], tpr[keep], label=str(label), linewidth=1.5)
     ax.set_xscale("log")
-    ax.set_xlim(*far_range)
+    ax.set_xlim(max(far_range[0], smallest / 2), far_range[1])
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("False accept rate (FAR)")
     ax.set_ylabel("True accept rate (TAR)")
@@ -77,6 +84,8 @@ def plot_cmc(curves: Mapping[str, Mapping[int, float]], path: str | os.PathLike,
         ranks = sorted(int(r) for r in points)
         ax.plot(ranks, [points[r] for r in ranks], marker="o", markersize=3, label=str(label))
     ax.set_xscale("log")
+    ticks = sorted({int(r) for points in curves.values() for r in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("Rank")
     ax.set_ylabel("Identification rate")
     ax.set_ylim(0.0, 1.0)

@@ -37,7 +37,7 @@ from broadface.data.seeding import derive_seed
 from broadface.dist.collectives import (all_gather_tensor, all_gather_with_grad, all_reduce_, gather_lengths,
                                         gather_to, rank_world, scale_grad)
 from broadface.dist.reshard import (FORMAT, QUEUE_KEYS, build_full_state, check_full_state, class_range,
-                                    queue_entries, split_queue)
+                                    merge_rows, queue_entries, split_queue)
 from broadface.dist.softmax import parallel_chunked_margin_ce, parallel_cross_entropy
 from broadface.heads.margins import MarginHead, check_labels
 from broadface.heads.queue import EmbeddingQueue
@@ -86,7 +86,8 @@ class ShardedMarginHead(nn.Module):
         self.class_start, self.class_stop = class_range(self.num_classes, self.world_size, self.rank)
         self.margin = margin(self.num_local, self.embedding_size)
         if not isinstance(self.margin, MarginHead):
-            raise ValueError(f"margin must build a MarginHead (ArcFace, CosFace, ...), got {type(self.margin).__name__}")
+            raise ValueError("margin must build a MarginHead (ArcFace, CosFace, ...), "
+                             f"got {type(self.margin).__name__}")
         if (self.margin.num_classes, self.margin.embedding_size) != (self.num_local, self.embedding_size):
             raise ValueError("margin(num_local, embedding_size) built a head of the wrong shape "
                              f"{tuple(self.margin.weight.shape)}, expected ({self.num_local}, {self.embedding_size})")
@@ -115,7 +116,8 @@ class ShardedMarginHead(nn.Module):
         """(X_global with grad, labels_global, per-rank batch sizes); bad input raises on every rank."""
         err = None
         try:
-            if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            d = self.embedding_size
+            if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != d:
                 shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
                 raise ValueError(f"embeddings must have shape (batch, {self.embedding_size}), got {shape}")
             check_labels(labels, self.num_classes, embeddings.shape[0])
@@ -124,7 +126,7 @@ class ShardedMarginHead(nn.Module):
         if self.world_size == 1:
             if err is not None:
                 raise err
-            return scale_grad(embeddings, 1.0), labels.long(), [labels.numel()]
+            return embeddings, labels.long(), [labels.numel()]
         device = embeddings.device if isinstance(embeddings, Tensor) else torch.device("cpu")
         # one collective carries every rank's batch size, or -1 for "my input is bad"
         lengths = gather_lengths(-1 if err is not None else embeddings.shape[0], device, self.group)
@@ -132,7 +134,8 @@ class ShardedMarginHead(nn.Module):
             raise err
         bad = [r for r, n in enumerate(lengths) if n < 0]
         if bad:
-            raise ValueError(f"rank(s) {bad} passed invalid embeddings/labels to {type(self).__name__} (see their error)")
+            raise ValueError(f"rank(s) {bad} passed invalid embeddings/labels to {type(self).__name__} "
+                             "(see their error)")
         factor = float(self.world_size) if self.encoder_grad == "ddp" else 1.0
         feats = all_gather_with_grad(scale_grad(embeddings, factor), self.group, lengths)
         return feats, all_gather_tensor(labels.long(), self.group, lengths), lengths
@@ -188,7 +191,8 @@ class ShardedMarginHead(nn.Module):
         if not isinstance(state, Mapping) or any(state.get(k) != mine[k] for k in keys):
             theirs = {k: state.get(k) for k in keys} if isinstance(state, Mapping) else state
             raise ValueError(f"this state_dict is the shard {theirs} but this head is {({k: mine[k] for k in keys})}; "
-                             "re-shard it: broadface.dist.merge_head_states(per-rank states) -> head.load_full_state(...)")
+                             "re-shard it: broadface.dist.merge_head_states(per-rank states) -> "
+                             "head.load_full_state(...)")
 
     def _local_parts(self) -> tuple[dict[str, Tensor], int]:
         return {}, 0
@@ -206,6 +210,17 @@ class ShardedMarginHead(nn.Module):
         metas = [dict(meta, rank=r) for r in range(self.world_size)]
         queues = [{k: parts[k][r].cpu() for k in QUEUE_KEYS} for r in range(self.world_size)] if queue else []
         return build_full_state(metas, [w.cpu() for w in weights], queues, [int(s) for s in steps])
+
+    def gather_rows(self, t: Tensor, dst: int = 0) -> Tensor | None:
+        """Collective: a per-class tensor of this shard (e.g. W's momentum buffer) as (C, ...) on ``dst``."""
+        parts = gather_to(t.detach(), dst, self.group)
+        return None if parts is None else merge_rows([p.cpu() for p in parts], self.num_classes)
+
+    def local_rows(self, full: Tensor) -> Tensor:
+        """This rank's rows of a (C, ...) tensor (to re-shard optimizer state on load)."""
+        if full.shape[0] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} rows (one per class), got {full.shape[0]}")
+        return full[self.class_start:self.class_stop].clone()
 
     @torch.no_grad()
     def load_full_state(self, full: Mapping[str, Any], drop_oldest: bool = False) -> None:
@@ -325,7 +340,8 @@ class ShardedBroadFace(ShardedMarginHead):
         if n:
             check_labels(entries["labels"], self.num_classes)
             if entries["vectors"].shape[1] != q.dim:
-                raise ValueError(f"checkpoint queue vectors have {entries['vectors'].shape[1]} columns, expected {q.dim}")
+                raise ValueError(f"checkpoint queue vectors have {entries['vectors'].shape[1]} columns, "
+                                 f"expected {q.dim}")
         q.vectors.zero_()
         q.scales.zero_()
         q.labels.zero_()

@@ -83,7 +83,8 @@ def _curve(scores: Any, issame: Any) -> _Curve:
 
 
 def _kept(c: _Curve, lo: int, hi: int) -> np.ndarray:
-    """sklearn's drop_intermediate mask for curve indices [lo, hi) (index 0 and 1 and the last always kept)."""
+    """sklearn's drop_intermediate mask for curve indices [lo, hi): the (0, 0) point, the first and last
+    score points and every point where the FP or TP count has a non-zero second difference."""
     m = c.fps.size - 1                               # sklearn points are indices 1..m
     idx = np.arange(lo, hi)
     keep = (idx <= 1) | (idx == m)
@@ -95,8 +96,6 @@ def _kept(c: _Curve, lo: int, hi: int) -> np.ndarray:
         d2f = f[2] - 2 * f[1] + f[0]
         d2t = t[2] - 2 * t[1] + t[0]
         keep[inner] = (d2f != 0) | (d2t != 0)
-    elif m <= 2:
-        keep[:] = True
     return keep
 
 

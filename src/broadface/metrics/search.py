@@ -21,7 +21,7 @@ import torch
 __all__ = ["knn", "Neighbours", "faiss_available", "Backend", "FAISS_MIN_GALLERY"]
 
 Backend = Literal["auto", "torch", "faiss"]
-FAISS_MIN_GALLERY = 100_000
+FAISS_MIN_GALLERY = 20_000
 _GALLERY_BLOCK = 65536
 
 

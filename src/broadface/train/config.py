@@ -182,7 +182,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: invalid YAML ({err})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections (model, data, head, ...), got {type(data).__name__}")
+            raise ValueError(f"{path}: expected a mapping of sections (model, data, head, ...), "
+                             f"got {type(data).__name__}")
     cfg = from_dict(Config, data, source)
     return apply_overrides(cfg, overrides)
 
@@ -222,7 +223,8 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"{source}: unknown config key '{prefix}{unknown[0]}' (valid {where} keys: {', '.join(names)})")
+        raise ValueError(f"{source}: unknown config key '{prefix}{unknown[0]}' "
+                         f"(valid {where} keys: {', '.join(names)})")
     kwargs = {}
     for name in names:
         if name not in data:

@@ -76,11 +76,11 @@ def micro_batch_backward(encoder: nn.Module, head: nn.Module, images: Tensor, la
     with torch.no_grad():  # pass 2 is the one that updates BN running statistics
         for k, v in saved.items():
             buffers[k].copy_(v)
-    end_state = _rng_state(images.device)
     emb = torch.cat(outs).detach().requires_grad_(True)
     with amp():
         loss = head(emb, labels, **(head_kwargs or {}))
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    end_state = _rng_state(images.device)  # after the head's own draws (e.g. class sampling)
     grads = emb.grad.split(micro_batch)
     no_sync = getattr(encoder, "no_sync", None)
     for i, (x, g) in enumerate(zip(chunks, grads)):          # pass 2: recompute with grad, backward slice

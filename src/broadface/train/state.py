@@ -36,11 +36,9 @@ def restore_rng(state: dict[str, Any]) -> None:
                          int(n["has_gauss"]), float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            raise ValueError(f"checkpoint holds {len(cuda)} CUDA RNG states but {torch.cuda.device_count()} "
-                             "devices are visible; resume on the same number of GPUs")
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if cuda and torch.cuda.is_available():  # devices beyond either count keep their own state
+        for index, s in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), index)
 
 
 def seed_everything(seed: int) -> None:

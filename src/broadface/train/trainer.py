@@ -45,6 +45,8 @@ class TrainingDiverged(FloatingPointError):
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the logged records, the final checkpoint and the summary."""
+
     history: list[dict[str, Any]]  # one record per log interval (see broadface.train.logs)
     evals: list[dict[str, Any]]  # one record per evaluation
     checkpoint: Path | None  # the final checkpoint (None when train.output is null)
@@ -157,8 +159,13 @@ class Trainer:
         resume = self._resume_path()
         if resume is not None:
             self.load_state(resume)
-        elif cfg.train.init:
-            self.warm_start(cfg.train.init)
+        else:
+            stale = sorted(self.output.glob("checkpoints/step_*.pt")) if self.output is not None else []
+            if stale and cfg.train.resume != "auto":
+                raise ValueError(f"train.output={self.output} already holds checkpoints ({stale[-1].name}); "
+                                 "continue with train.resume=auto or choose another train.output")
+            if cfg.train.init:
+                self.warm_start(cfg.train.init)
 
     # ------------------------------------------------------------------ data
     def _loader(self, epoch: int, start_batch: int):
