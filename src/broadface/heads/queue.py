@@ -108,8 +108,16 @@ class EmbeddingQueue(nn.Module):
     @torch.no_grad()
     def compensated(self, weight: Tensor) -> Tensor:
         """``e*`` for every occupied slot, fp32, given the current classifier ``weight`` (C×D)."""
+        return self.compensated_from_rows(weight.detach().float()[self.labels[self.valid()]])
+
+    @torch.no_grad()
+    def compensated_from_rows(self, w_now: Tensor) -> Tensor:
+        """``e*`` for every occupied slot given each entry's current row ``W_y`` (fill × D).
+
+        For a model-parallel classifier, where the rows come from the ranks that own them.
+        """
         s = self.valid()
-        w_now = weight.detach().float()[self.labels[s]]  # W_y
+        w_now = w_now.detach().float()
         lam = self.scales[s, None]
         if self.storage == "full":
             e_past = self.vectors[s].float()

@@ -296,7 +296,7 @@ class ShardedBroadFace(ShardedMarginHead):
         n = y.numel()
         union_labels = torch.cat([y, qy])
         rows = self._rows(union_labels)                       # W_y now (= W⁻_y for this batch's push)
-        past = u + lam[:, None] * rows[n:]                    # Eq. 7: e* = u + λW_y
+        past = u + lam[:, None] * rows[n:]                    # Eq. 7: e* = u + λW_y (all ranks' entries)
         weight, target = self._select(union_labels)
         # Eq. 8: the encoder sees L(X_global), W detached.
         batch_loss = parallel_cross_entropy(self._logits(feats, weight.detach(), target[:n]), target[:n], self.group)

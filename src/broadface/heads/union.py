@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 
-def _target_and_slope(target: Callable[[Tensor], Tensor], cos_t: Tensor, need_grad: bool):
+def target_and_slope(target: Callable[[Tensor], Tensor], cos_t: Tensor, need_grad: bool):
+    """``(φ(cos_t), φ'(cos_t))`` of an element-wise margin; the slope is None when not needed."""
     if not need_grad:
         return target(cos_t), None
     with torch.enable_grad():
@@ -46,7 +47,7 @@ class ChunkedMarginCE(torch.autograd.Function):
                 f = feats_n[start:start + chunk_size].float()
                 y = labels[start:start + chunk_size].long().unsqueeze(1)
                 cos = torch.mm(f, w.t()).clamp_(-1.0, 1.0)           # (k, C), the only big tensor
-                phi, slope = _target_and_slope(target, cos.gather(1, y).squeeze(1), need_grad)
+                phi, slope = target_and_slope(target, cos.gather(1, y).squeeze(1), need_grad)
                 z = cos.mul_(scale).scatter_(1, y, (scale * phi).unsqueeze(1))
                 lse = torch.logsumexp(z, dim=1)
                 total += (lse - scale * phi).sum(dtype=torch.float64)
