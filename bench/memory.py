@@ -5,7 +5,8 @@
    BroadFace at batch b with a queue of Q = B − b embeddings (the classifier sees the same
    B instances per step), and BroadFace with micro-batched encoder passes.
 2. Step time of 1 process versus 2 gloo processes (DDP backbone + class-sharded BroadFace
-   head) at the same global batch.
+   head) at the same global batch: the bare loop, and the real ``broadface.train.Trainer``
+   step (what ``torchrun --nproc_per_node 2 -m broadface train`` runs), on in-memory images.
 
     python bench/memory.py [--quick] [--device cpu|cuda]
 """
@@ -166,6 +167,52 @@ def _rank(rank: int, world: int, init: str, cfg: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
+class _Images(torch.utils.data.Dataset):
+    """Fixed random images and labels, in memory (no decoding in the timed steps)."""
+
+    def __init__(self, n: int, size: int, classes: int):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+        self.num_classes = classes
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def _trainer_times(cfg: dict, world: int) -> list[float]:
+    """Seconds per step of the real Trainer (this process is one rank of ``world``)."""
+    from broadface.train.config import Config, apply_overrides
+    from broadface.train.trainer import Trainer
+
+    steps, stamps = cfg["steps"] + 1, []
+    conf = apply_overrides(Config(), [
+        "model.name=tinycnn", f"model.embedding_size={cfg['dim']}", f"model.input_size={cfg['size']}",
+        f"model.kwargs={{width: {cfg['width']}}}", f"head.queue_size={cfg['queue'] // world}",
+        f"train.batch_size={cfg['batch'] // world}", f"train.steps={steps}", "train.log_every=1", "train.output=null",
+        "train.device=cpu", "data.val_split=null", "optim.lr=0.01"])
+    data = _Images(cfg["batch"] * (steps + 1), cfg["size"], cfg["classes"])
+    trainer = Trainer(conf, train_set=data, progress=False,
+                      callbacks=[lambda kind, r: stamps.append(time.perf_counter())])
+    trainer.fit()
+    return [b - a for a, b in zip(stamps, stamps[1:])]  # from the end of step 1 (warm-up) on
+
+
+def _trainer_rank(rank: int, world: int, init: str, cfg: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        times = _trainer_times(cfg, world)
+        if rank == 0:
+            Path(out).write_text(json.dumps(times))
+    finally:
+        dist.destroy_process_group()
+
+
 def time_table(args, common: dict) -> None:
     import torch.multiprocessing as mp
 
@@ -174,7 +221,7 @@ def time_table(args, common: dict) -> None:
     cfg = {**common, "batch": common["big"], "queue": common["big"] * 2, "steps": common["time_steps"]}
     print(f"\n2. Step time at global batch {cfg['batch']}, BroadFace queue {cfg['queue']} in total, "
           f"C={cfg['classes']} (CPU, {os.cpu_count()} cores visible, shared)")
-    print(f"{'setup':<44} {'median s/step':>14} {'samples/s':>10} {'speed-up':>9}")
+    print(f"{'setup':<50} {'median s/step':>14} {'samples/s':>10} {'speed-up':>9}")
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -191,9 +238,17 @@ def time_table(args, common: dict) -> None:
         mp.start_processes(_rank, args=(2, f"file://{tmp}/rdv", cfg, out), nprocs=2, start_method="spawn")
         times = json.loads(Path(out).read_text())
         results.append(("2 processes x 1 thread, DDP + ShardedBroadFace", statistics.median(times)))
+    torch.set_num_threads(1)
+    results.append(("1 process, 1 thread, Trainer step", statistics.median(_trainer_times(cfg, 1))))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        mp.start_processes(_trainer_rank, args=(2, f"file://{tmp}/rdv", cfg, out), nprocs=2, start_method="spawn")
+        results.append(("2 processes x 1 thread, Trainer step (torchrun)", statistics.median(
+            json.loads(Path(out).read_text()))))
     base = results[0][1]
     for name, t in results:
-        print(f"{name:<44} {t:>14.3f} {cfg['batch'] / t:>10.1f} {base / t:>8.2f}x")
+        print(f"{name:<50} {t:>14.3f} {cfg['batch'] / t:>10.1f} {base / t:>8.2f}x")
+    print(f"Trainer step, 2 processes vs 1: {results[-2][1] / results[-1][1]:.2f}x faster")
     print("speed-up relative to 1 process with 1 thread; timings on a shared machine are noisy.")
 
 

@@ -76,3 +76,17 @@ def test_eval_cli_errors(checkpoint, capsys, argv, message):
 def test_eval_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "none.pt"), "--lfw"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_mask_one_reports_unmasked_and_masked_rows(checkpoint, lfw_root, tmp_path, capsys):
+    out = tmp_path / "masked.json"
+    rc = main(["eval", str(checkpoint), "--pairs", str(lfw_root / "pairs.txt"), "--images",
+               str(lfw_root / "aligned-112x112"), "--max-pairs", "20", "--folds", "2", "--batch-size", "32",
+               "--mask-one", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "pairs " in printed and "pairs-masked" in printed
+    report = json.loads(out.read_text())
+    assert report["pairs"]["masked_second_image"] is False and report["pairs-masked"]["masked_second_image"] is True
+    ps = lfw_pair_set(lfw_root / "pairs.txt", lfw_root / "aligned-112x112", "pairs").subset(20)
+    assert report["pairs"]["accuracy"] == evaluate_pairs(load_backbone(checkpoint), ps, folds=2)["accuracy"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 DESCRIPTION = """\
 Train a face-recognition / metric-learning backbone from a YAML config (see configs/ and
@@ -10,7 +11,9 @@ docs/training.md). Any config key can be overridden as section.key=value, e.g.
 Values are parsed as YAML (numbers, true/false, null, [lists]). Outputs go to train.output:
 checkpoints/step_N.pt, final.pt, train.csv, eval.csv, tensorboard/, summary.json.
 Resume an interrupted run exactly with train.resume=auto (or a checkpoint path);
-warm-start from another run's weights with train.init=PATH."""
+warm-start from another run's weights with train.init=PATH.
+Several GPUs / machines (train.batch_size is per process; see docs/distributed.md):
+  torchrun --nproc_per_node 8 -m broadface train CONFIG [KEY=VALUE ...]"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,10 +41,19 @@ def run(args: argparse.Namespace) -> int:
     def print_line(kind: str, record: dict) -> None:
         print(f"{kind} step {record['step']}: {format_record(record)}", flush=True)
 
+    main = int(os.environ.get("RANK", "0") or "0") == 0  # under torchrun only rank 0 prints
+    trainer = None
     try:
-        result = Trainer(cfg, progress=not args.no_progress, callbacks=[print_line] if args.no_progress else []).fit()
+        trainer = Trainer(cfg, progress=not args.no_progress,
+                          callbacks=[print_line] if args.no_progress and main else [])
+        result = trainer.fit()
     except TrainingDiverged as err:
         raise CLIError(str(err)) from None
+    finally:
+        if trainer is not None:
+            trainer.close()  # also ends the process group (torchrun)
+    if not main:
+        return 0
     last = result.history[-1] if result.history else {}
     parts = [f"step {result.summary['step']}"]
     if last:

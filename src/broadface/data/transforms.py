@@ -67,12 +67,18 @@ def _hw(size: Size) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class FaceTransform:
-    """Resize to ``size`` (int or (h, w); None keeps the input size), flip with probability
-    ``flip_p``, convert to ``channels`` (3 = RGB, 1 = grayscale) and normalise to [-1, 1]."""
+    """Optionally put a synthetic mask on the face (probability ``mask_prob``, BigFace used 0.35;
+    drawn at the image's own resolution by :class:`broadface.data.masks.MaskAugment`), resize to
+    ``size`` (int or (h, w); None keeps the input size), flip with probability ``flip_p``, convert
+    to ``channels`` (3 = RGB, 1 = grayscale) and normalise to [-1, 1].
+
+    Every random choice comes from ``generator`` in the order of :meth:`draw` (mask seed, then
+    flip), so a per-sample generator makes masks and flips reproducible."""
 
     size: Size = 112
     flip_p: float = 0.0
     channels: int = 3
+    mask_prob: float = 0.0
 
     accepts_generator = True  # class attribute: __call__ takes ``generator=``
 
@@ -82,18 +88,33 @@ class FaceTransform:
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[int | None, bool]:
+        """The random choices of one call: (seed of the mask draw or None, flip?). Draws only what
+        can happen, so transforms without masks / flips never consume randomness."""
+        mask_seed = None
+        if self.mask_prob > 0:
+            mask_seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+        flipped = self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
+        return mask_seed, bool(flipped)
 
     def __call__(self, img: Image.Image | np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img)
+        mask_seed, flipped = self.draw(generator)
+        if mask_seed is not None:  # masked with probability mask_prob, at the aligned face's own size
+            from broadface.data.masks import MaskAugment
+
+            img = MaskAugment(self.mask_prob)(img.convert("RGB"), rng=np.random.default_rng(mask_seed))
         mode = "RGB" if self.channels == 3 else "L"
         if img.mode != mode:
             img = img.convert(mode)
         hw = _hw(self.size)
         if hw is not None and (img.height, img.width) != hw:
             img = img.resize((hw[1], hw[0]), Image.BILINEAR)  # Pillow antialiases when shrinking
-        # Draw only when flipping is possible, so eval transforms never consume randomness.
-        if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
+        if flipped:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_normalized_tensor(img)
 

@@ -7,7 +7,8 @@ normalised weight are computed together, ``chunk_size`` rows at a time, so the
 working set is ``chunk_size × C`` whatever N is. Backward then only scales the
 accumulated gradient.
 
-For a row with logits ``z = s·cos`` (target column ``s·φ(cos_y)``) and ``p = softmax(z)``:
+For a row with logits ``z = s·cos`` (target column ``s·φ(cos_y)``) and ``p = softmax(z)``
+(the scale rides on the matmul inputs and on ``addmm``'s alpha, so no extra pass over (k, C)):
 ``∂L/∂cos_j = s·p_j`` for ``j ≠ y`` and ``∂L/∂cos_y = s·(p_y − 1)·φ'(cos_y)``, and
 ``∂L/∂Ŵ = (∂L/∂cos)ᵀ ê``. ``φ'`` comes from autograd on the (N,) target vector alone.
 """
@@ -46,16 +47,17 @@ class ChunkedMarginCE(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 f = feats_n[start:start + chunk_size].float()
                 y = labels[start:start + chunk_size].long().unsqueeze(1)
-                cos = torch.mm(f, w.t()).clamp_(-1.0, 1.0)           # (k, C), the only big tensor
-                phi, slope = target_and_slope(target, cos.gather(1, y).squeeze(1), need_grad)
-                z = cos.mul_(scale).scatter_(1, y, (scale * phi).unsqueeze(1))
+                z = torch.mm(f * scale, w.t())                       # s·cos, (k, C): the only big tensor
+                cos_t = (z.gather(1, y).squeeze(1) / scale).clamp_(-1.0, 1.0)
+                phi, slope = target_and_slope(target, cos_t, need_grad)
+                z.scatter_(1, y, (scale * phi).unsqueeze(1))
                 lse = torch.logsumexp(z, dim=1)
                 total += (lse - scale * phi).sum(dtype=torch.float64)
                 if need_grad:
                     p = z.sub_(lse.unsqueeze(1)).exp_()              # softmax, in place
                     p_y = p.gather(1, y).squeeze(1)
-                    g = p.mul_(scale).scatter_(1, y, (scale * (p_y - 1.0) * slope).unsqueeze(1))
-                    grad_w.addmm_(g.t(), f)                          # (C, k) @ (k, D)
+                    p.scatter_(1, y, ((p_y - 1.0) * slope).unsqueeze(1))  # ∂L/∂cos ÷ s
+                    grad_w.addmm_(p.t(), f, alpha=scale)             # (C, k) @ (k, D)
         ctx.n = n
         if need_grad:
             ctx.save_for_backward(grad_w)

@@ -1,7 +1,7 @@
 """Typed training configuration: YAML file + dotted ``key=value`` overrides.
 
 A config is a tree of dataclasses (:class:`Config` with sections ``model``,
-``data``, ``head``, ``optim``, ``schedule``, ``train``). Loading is strict: an
+``data``, ``head``, ``optim``, ``schedule``, ``train``, ``distill``). Loading is strict: an
 unknown key or a value of the wrong type is a ``ValueError`` that names the key
 and the file (or override) it came from, so typos never silently fall back to a
 default.
@@ -43,6 +43,7 @@ class DataConfig:
     val_split: str | None = "test"  # held-out identities for Recall@K; null disables evaluation
     val_root: str | None = None  # folder/recordio: a validation image folder of other identities (optional)
     flip: bool = True  # random horizontal flip while training
+    mask_prob: float = 0.0  # synthetic face mask on this fraction of training images (BigFace: 0.35)
     num_workers: int = 0
     on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable image is replaced by the next readable one
 
@@ -60,6 +61,9 @@ class HeadConfig:
     chunk_size: int = 4096  # rows of the union whose (rows x classes) logits are alive at once (memory)
     storage: Literal["compact", "full"] = "compact"  # compact: D+2 numbers per entry; full: e- and W-_y
     storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # queue storage
+    # distributed (WORLD_SIZE > 1): W split by class over ranks (ShardedBroadFace, docs/distributed.md)
+    queue_mode: Literal["local", "replicated"] = "local"  # local: queue_size per rank; replicated: world x it on each
+    sample_rate: float = 1.0  # Partial FC: fraction of each rank's classes per step (< 1 also on one process)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class OptimConfig:
     head_weight_decay: float | None = None  # None: same as weight_decay
     no_decay_bias_bn: bool = False  # sgd/adamw: no weight decay on biases and norm layers (lars: always)
     clip_grad: float | None = None  # max global L2 norm of the backbone gradient
+    zero: bool = False  # distributed only: ZeRO-partition the backbone's optimizer state over ranks
 
 
 @dataclass
@@ -100,6 +105,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # images per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    micro_batch: int | None = None  # run the encoder this many images at a time under a whole-batch head (memory)
     amp: Amp = "none"  # bf16 autocast (CPU/CUDA) or fp16 autocast + GradScaler (CUDA)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -117,6 +123,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (BigFace-Distill): loss += weight * d(student, teacher), see docs/distillation.md."""
+
+    teacher: str | None = None  # broadface checkpoint (.pt) or ONNX embedding model (.onnx); null: off
+    weight: float = 9.0  # lambda
+    kind: Literal["cosine", "l2"] = "cosine"  # 1 - cos, or |s/|s| - t/|t||^2 (= 2 - 2 cos)
+    cache: str | None = None  # .npy of teacher embeddings (N x 2 x D: plain, flipped); built when missing
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    unlabeled_root: str | None = None  # folder of extra images without labels: distillation term only
+    batch_size: int = 128  # teacher batch when building the cache
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,6 +143,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON/checkpoint friendly)."""
@@ -150,8 +170,15 @@ class Config:
         _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "null or > 0")
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
         _check(h.scale > 0, "head.scale", h.scale, "> 0")
+        _check(0 <= self.data.mask_prob <= 1, "data.mask_prob", self.data.mask_prob, "a probability in [0, 1]")
+        _check(self.distill.weight >= 0, "distill.weight", self.distill.weight, "a number >= 0")
+        _check(self.distill.batch_size > 0, "distill.batch_size", self.distill.batch_size, "a positive number")
         _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
         _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
+        _check(0 < h.sample_rate <= 1, "head.sample_rate", h.sample_rate, "a fraction in (0, 1]")
+        _check(t.micro_batch is None or t.micro_batch > 0, "train.micro_batch", t.micro_batch, "null or > 0")
+        _check(t.micro_batch is None or t.grad_accum == 1, "train.micro_batch", t.micro_batch,
+               "null when train.grad_accum > 1 (use one or the other)")
         _check(list(s.milestones) == sorted(set(s.milestones)) and all(m > 0 for m in s.milestones),
                "schedule.milestones", s.milestones, "strictly increasing positive steps")
         _check(0 <= s.warmup_start <= 1, "schedule.warmup_start", s.warmup_start, "a factor in [0, 1]")

@@ -126,6 +126,8 @@ def format_record(r: dict[str, Any]) -> str:
         parts.append(f"queue {r['queue_fill']}")
         if r.get("compensation_norm") is not None:
             parts.append(f"comp {r['compensation_norm']:.3g}")
+    if r.get("distill_loss") is not None:
+        parts.append(f"distill {r['distill_loss']:.4f}")
     parts.append(f"lr {r['lr']:.3g}")
     parts.append(f"{r['samples_per_s']:.0f} img/s")
     return ", ".join(parts)
@@ -151,8 +153,9 @@ class IntervalMeter:
 
     def add(self, stats: dict[str, Any], samples: int, seconds: float) -> None:
         self.n, self.samples, self.seconds = self.n + 1, self.samples + samples, self.seconds + seconds
-        for k in ("batch_loss", "union_loss"):
-            self.sums[k] = self.sums.get(k, 0.0) + stats[k]
+        for k in ("batch_loss", "union_loss", "distill_loss"):
+            if k in stats:
+                self.sums[k] = self.sums.get(k, 0.0) + stats[k]
         self.last = stats
 
     def flush(self) -> dict[str, Any]:

@@ -1,16 +1,17 @@
 """Where training runs: device, process rank / world size, and mixed precision.
 
-Everything device- or rank-dependent lives here so that distributed training
-(torchrun / DDP) can be added in this one place. Today one process trains;
-``WORLD_SIZE > 1`` is refused with a clear message instead of silently training
-``WORLD_SIZE`` independent copies.
+Everything device- or rank-dependent lives here. One process (no ``WORLD_SIZE`` or
+``WORLD_SIZE=1``) trains on ``train.device``. Under torchrun (``WORLD_SIZE > 1``) the
+process group is initialised by :func:`broadface.dist.init_distributed` (NCCL on CUDA,
+gloo on CPU; this process uses ``cuda:LOCAL_RANK``), or an already initialised default
+group is joined (tests, notebooks); see :mod:`broadface.train.parallel` for the rest.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 
@@ -20,11 +21,25 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    env: Any = None  # broadface.dist.DistEnv when distributed (its wait_group serves rank-0-only work)
+    owns_group: bool = False  # this runtime initialised the process group and destroys it in close()
 
     @property
     def is_main(self) -> bool:
         """Only the main process writes logs and checkpoints."""
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def close(self) -> None:
+        """Tear down the process group if this runtime created it."""
+        if self.owns_group:
+            from broadface.dist import destroy_distributed
+
+            destroy_distributed()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,12 +60,36 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def init_runtime(device: str = "auto") -> Runtime:
-    """The runtime of this process (single process for now)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ValueError(f"WORLD_SIZE={world}: distributed training is not supported yet; run a single process")
-    return Runtime(device=resolve_device(device))
+def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
+    """The runtime of this process: single process, or one rank of a torchrun job (``WORLD_SIZE > 1``)."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not joined and int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        return Runtime(device=resolve_device(device))
+    kind = resolve_device(device).type if device != "auto" else "auto"  # cuda:N -> cuda:LOCAL_RANK under torchrun
+    if joined:
+        env = _join_group(kind)
+    else:
+        from broadface.dist import init_distributed
+
+        env = init_distributed(kind, timeout_s=timeout_s)
+    return Runtime(env.device, env.rank, env.world_size, env.local_rank, env, owns_group=not joined)
+
+
+def _join_group(kind: str):
+    """A DistEnv for a default group initialised by the caller (plus its own gloo wait group)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from broadface.dist import DistEnv
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = dist.get_backend() == "nccl" or kind == "cuda"  # a gloo group trains on the CPU unless told otherwise
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    wait = dist.new_group(backend="gloo", timeout=timedelta(hours=4))
+    return DistEnv(rank, world, local, dev, dist.get_backend(), wait)
 
 
 def check_amp(device: torch.device, amp: str) -> None:

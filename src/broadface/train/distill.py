@@ -1,0 +1,144 @@
+"""Knowledge distillation (BigFace-Distill): L = margin loss + λ · d(student, teacher).
+
+With ``head.loss=cosface, head.margin=0.4, head.scale=64`` and ``distill.weight=9`` this is
+BigFace's recipe. ``d`` compares L2-normalised embeddings ŝ (student, through a learnable
+linear projection when its dimension differs from the teacher's) and t̂ (teacher):
+
+* ``kind="cosine"``: ``1 − ŝ·t̂``
+* ``kind="l2"``:     ``‖ŝ − t̂‖²`` (= 2 − 2 ŝ·t̂ for unit vectors)
+
+averaged over the micro-batch. Teacher targets come from a memory-mapped cache
+(:mod:`broadface.train.teacher_cache`, one teacher pass over the data) or, without a cache,
+from the teacher run on the very augmented batch the student sees.
+
+Images with label −1 (e.g. ``distill.unlabeled_root``) contribute only the distillation term:
+they are removed before the margin / BroadFace head, which never sees them, and are never
+enqueued. The projection is part of the checkpoint (``"distill"``) and of the optimizer
+(group ``"distill"``), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from broadface.train.config import Config, DistillConfig, OptimConfig
+from broadface.train.teacher import Teacher
+
+
+def distill_loss(student: Tensor, teacher: Tensor, kind: str = "cosine") -> Tensor:
+    """Mean angular distance between the rows of ``student`` and ``teacher`` (both normalised here)."""
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.float(), dim=1)
+    if kind == "cosine":
+        return (1.0 - (s * t).sum(1)).mean()
+    if kind == "l2":
+        return (s - t).pow(2).sum(1).mean()
+    raise ValueError(f"config distill.kind={kind!r}: expected cosine or l2")
+
+
+class Distiller(nn.Module):
+    """The distillation term and the label −1 filter in front of the head (see module doc).
+
+    Registered sub-modules are only the projection, so ``state_dict()`` is exactly what the
+    checkpoint needs; the teacher and the cache are plain attributes.
+    """
+
+    def __init__(self, teacher: Teacher, student_dim: int, weight: float = 9.0, kind: str = "cosine",
+                 cache: np.ndarray | None = None):
+        super().__init__()
+        if kind not in ("cosine", "l2"):
+            raise ValueError(f"config distill.kind={kind!r}: expected cosine or l2")
+        self.teacher, self.cache, self.weight, self.kind = teacher, cache, float(weight), kind
+        # Student -> teacher space when the dimensions differ (the student's own embedding is what is evaluated).
+        self.projection: nn.Module = (nn.Linear(student_dim, teacher.dim, bias=False)
+                                      if student_dim != teacher.dim else nn.Identity())
+        self.last_stats: dict[str, float] = {}
+
+    def targets(self, images: Tensor, keys: Tensor | None) -> Tensor:
+        """Teacher unit embeddings for the batch: cache rows by key, else the teacher on ``images``."""
+        if self.cache is None:
+            return self.teacher(images)
+        if keys is None:
+            raise ValueError("distill.cache needs items (image, label, key); train through DistillDataset")
+        k = keys.cpu().numpy()
+        rows = np.asarray(self.cache[k // 2, k % 2], dtype=np.float32)
+        return torch.from_numpy(rows).to(images.device)
+
+    def term(self, embeddings: Tensor, images: Tensor, keys: Tensor | None = None) -> Tensor:
+        """d(P(student), teacher) over the whole micro-batch (labelled and unlabeled)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return distill_loss(self.projection(embeddings.float()), self.targets(images, keys), self.kind)
+
+    def forward(self, head: nn.Module, embeddings: Tensor, labels: Tensor, images: Tensor,
+                extra: list[Tensor] | tuple = ()) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``(loss, labelled embeddings, their labels, head stats)``: the last three feed the enqueue and logs.
+
+        loss = head(labelled) + weight · term(all). A micro-batch with no labelled image has no
+        head loss (stats report 0 for it; the queue still holds what it held).
+        """
+        keys = extra[0] if len(extra) else None
+        d = self.term(embeddings, images, keys)
+        keep = labels >= 0
+        if bool(keep.all()):
+            emb, lab = embeddings, labels
+        else:
+            emb, lab = embeddings[keep], labels[keep]
+        if lab.numel():
+            loss = head(emb, lab, enqueue=False) + self.weight * d
+            stats = dict(head.last_stats)
+        else:
+            loss = self.weight * d
+            fill = int(getattr(getattr(head, "queue", None), "fill", 0))
+            stats = {"batch_loss": 0.0, "union_loss": 0.0, "queue_fill": fill, "compensation_norm": None}
+        stats["distill_loss"] = float(d.detach())
+        self.last_stats = stats
+        return loss, emb, lab, stats
+
+    def add_param_group(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+        """Put the projection (if any) in the optimizer as group ``"distill"`` (backbone lr and decay)."""
+        params = [p for p in self.projection.parameters() if p.requires_grad]
+        if params:
+            group: dict[str, Any] = dict(name="distill", params=params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if cfg.name == "lars":
+                group["lars_adapt"] = True
+            optimizer.add_param_group(group)
+
+
+def check_mask_prob(cfg: Config, train_set: Dataset, injected: bool) -> None:
+    """``data.mask_prob`` applies to the configured data; an injected set must carry it in its own transform."""
+    want = cfg.data.mask_prob
+    if injected and want > 0 and getattr(getattr(train_set, "transform", None), "mask_prob", None) != want:
+        raise ValueError(f"config data.mask_prob={want}: the train_set passed to Trainer builds its own images; "
+                         f"give it FaceTransform(..., mask_prob={want}) (or leave data.mask_prob at 0)")
+
+
+def build_distiller(cfg: Config, train_set: Dataset, device: torch.device) -> tuple[Distiller | None, Dataset]:
+    """``(Distiller or None, the training set to load from)`` for ``cfg.distill`` (teacher null: no change)."""
+    d: DistillConfig = cfg.distill
+    if not d.teacher:
+        if d.unlabeled_root or d.cache:
+            raise ValueError("config distill.unlabeled_root / distill.cache need distill.teacher")
+        return None, train_set
+    from broadface.train.distill_data import DistillDataset, UnlabeledImages, fingerprint
+    from broadface.train.teacher import load_teacher
+    from broadface.train.teacher_cache import open_or_build
+
+    teacher = load_teacher(d.teacher, device, fallback_size=cfg.model.input_size)
+    unlabeled = None
+    if d.unlabeled_root:
+        unlabeled = UnlabeledImages(d.unlabeled_root, getattr(train_set, "transform", None), cfg.data.on_error)
+    data = DistillDataset(train_set, unlabeled)
+    cache = None
+    if d.cache:
+        if not (data.supports_generator and all(hasattr(getattr(p, "transform", None), "draw") for p in data.parts)):
+            raise ValueError("config distill.cache: the training images must come from broadface data sets with a "
+                             "FaceTransform (the cache is keyed by index and flip); run without distill.cache")
+        identity = {**teacher.identity, "dataset": fingerprint(data.parts)}
+        cache = open_or_build(d.cache, teacher, data.parts, identity, d.batch_size, d.cache_dtype)
+    distiller = Distiller(teacher, cfg.model.embedding_size, d.weight, d.kind, cache).to(device)
+    return distiller, data
