@@ -248,7 +248,7 @@ def time_table(args, common: dict) -> None:
     base = results[0][1]
     for name, t in results:
         print(f"{name:<50} {t:>14.3f} {cfg['batch'] / t:>10.1f} {base / t:>8.2f}x")
-    print(f"Trainer step, 2 processes vs 1: {results[-2][1] / results[-1][1]:.2f}x faster")
+    print(f"Trainer step, 2 processes vs 1 process: {results[-2][1] / results[-1][1]:.2f}x speed-up")
     print("speed-up relative to 1 process with 1 thread; timings on a shared machine are noisy.")
 
 

@@ -166,8 +166,7 @@ def test_zero_needs_a_distributed_run(faces):
         Trainer(make_config(None, "optim.zero=true"), train_set=faces, progress=False)
 
 
-@pytest.mark.slow
-def test_torchrun_cli(tmp_path):
+def test_torchrun_cli(tmp_path):  # 10-15 s on the shared 2-core CPU
     """``torchrun --nproc_per_node 2 -m broadface train`` end to end (Omniglot, evaluation on rank 0)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "broadface", "train", str(REPO / "configs/omniglot_tinycnn.yaml"), "train.steps=3",
