@@ -21,7 +21,7 @@ def _check(summary, out):
 
 def test_demo_micro(tmp_path):
     cfg = DemoConfig(output=str(tmp_path), warm_steps=3, steps=3, queue_size=64, batch_size=16, eval_every=100,
-                     lfw_pairs=100, input_size=28, embedding_size=32, progress=False)
+                     lfw_pairs=100, test_identities=12, input_size=28, embedding_size=32, progress=False)
     summary = run_demo(cfg)
     _check(summary, tmp_path)
     # both arms start from the same warm start and see the same data: identical first logged loss

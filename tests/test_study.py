@@ -47,7 +47,7 @@ def test_tiny_study_end_to_end(tmp_path):
     warm = warm_start_run(sc, 0, str(tmp_path / "warm.pt"))
     runs = [warm] + [arm_run(sc, 0, q, c, str(tmp_path / "warm.pt")) for q, c in arms(sc)]
     base, comp, plain = runs[1:]
-    assert base["fill"] == 0 and comp["fill"] == 96 and comp["first_full_step"] == 3
+    assert base["fill"] == 0 and comp["fill"] == 96 and comp["first_full_step"] == 4
     assert [s for s, _ in comp["curve"]] == [0, 2, 4, 5] == [s for s, _ in base["curve"]]
     err = comp["errors"][0]
     assert err["step"] == 5 and len(err["age"]) == 96 == len(err["compensated"]) == len(err["uncompensated"])

@@ -42,6 +42,7 @@ class DemoConfig:
     lr: float = 0.01
     eval_every: int = 100
     lfw_pairs: int | None = None  # None: all 6,000 View-2 pairs
+    test_identities: int | None = None  # None: all 150 unseen CelebA-299 identities (fewer: smoke tests)
     seed: int = 0
     progress: bool = True
 
@@ -77,12 +78,23 @@ def _train_config(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int,
     return c
 
 
+def _val_set(cfg: DemoConfig):
+    """The unseen CelebA-299 identities (optionally only the first ``test_identities``)."""
+    from broadface.data import EvalTransform, FaceFolder, open_dataset
+
+    val = open_dataset("celeba299", "test", transform=EvalTransform(size=cfg.input_size), data_root=cfg.data_root)
+    if cfg.test_identities is None:
+        return val
+    return FaceFolder(val.root, val.transform, classes=list(val.classes)[:cfg.test_identities])
+
+
 def _fit(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int, init: str | None):
     from broadface.train.trainer import Trainer
 
     if cfg.progress:
         print(f"\n== {name}: {steps} steps, lr {lr}, queue {queue}" + (f", warm start {init}" if init else ""))
-    trainer = Trainer(_train_config(cfg, name, steps, lr, queue, init), progress=cfg.progress)
+    trainer = Trainer(_train_config(cfg, name, steps, lr, queue, init), val_set=_val_set(cfg),
+                      progress=cfg.progress)
     t0 = time.perf_counter()
     result = trainer.fit()
     return trainer, result, time.perf_counter() - t0

@@ -266,3 +266,19 @@ def test_resume_is_bit_identical_with_masks_and_distillation(tmp_path, faces, ma
     # guard: the projection did train
     init = trainer(None, "train.steps=1")
     assert not torch.equal(init.distill.projection.weight.detach(), a["distill"]["projection.weight"])
+
+
+def test_distill_config_errors(tmp_path, faces, make_config):
+    with pytest.raises(ValueError, match="distill.kind"):
+        make_config(None, "distill.kind=kl")
+    with pytest.raises(ValueError, match="distill.weight"):
+        make_config(None, "distill.weight=-1").validate()
+    with pytest.raises(ValueError, match="need distill.teacher"):
+        Trainer(make_config(None, f"distill.cache={tmp_path / 'c.npy'}"), train_set=faces, progress=False)
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        Trainer(make_config(None, f"distill.teacher={tmp_path / 'nothere.pt'}"), train_set=faces, progress=False)
+    with pytest.raises(FileNotFoundError, match="distill.unlabeled_root"):
+        Trainer(make_config(None, f"distill.teacher={save_teacher(tmp_path / 't.pt')}",
+                            f"distill.unlabeled_root={tmp_path / 'none'}"), train_set=faces, progress=False)
+    plain = Trainer(make_config(None), train_set=faces, progress=False)  # distillation off: nothing changes
+    assert plain.distill is None and plain.train_set is faces and "distill" not in plain.state_dict()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ class MemorySet(Dataset):
         return self[index]
 
 
+@lru_cache(maxsize=2)
 def load_omniglot(size: int = 28, data_root: str | None = None) -> tuple[MemorySet, MemorySet]:
-    """(train, test) Omniglot splits decoded once at ``size`` x ``size`` (3 channels, [-1, 1])."""
+    """(train, test) Omniglot splits decoded once per process at ``size`` x ``size`` (3 channels, [-1, 1]); read-only."""
     from broadface.data import open_dataset
     from broadface.data.transforms import EvalTransform
 

@@ -43,7 +43,7 @@ def _plan(d: dict[str, Any]) -> str:
             f"step {int(c['lr_drop_at'] * c['steps'])}, same seed ⇒ same data order; only the queue size and the "
             f"compensation differ. {n_arms} arms × {len(c['seeds'])} seeds (seeds {c['seeds']}) = "
             f"{n_arms * len(c['seeds'])} fine-tuning runs + {len(c['seeds'])} warm starts.\n"
-            f"- Queue fill: {c['batch_size']} entries are pushed per step, so the queues are full from — {fills}. "
+            f"- Queue fill: {c['batch_size']} entries are pushed after each step, so the classifier sees a full queue from — {fills}. "
             f"The training set has 2,720 images, so a queue larger than that holds several entries of the same image "
             f"(of different ages).\n"
             f"- Evaluation: Recall@K, every test image querying the other 2,119 (cosine); pair verification on "

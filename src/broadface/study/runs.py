@@ -179,5 +179,5 @@ def arms(sc: StudyConfig) -> list[tuple[int, bool]]:
 
 
 def fill_steps(sc: StudyConfig) -> dict[int, int]:
-    """Steps until each queue is full (entries pushed per step = batch size)."""
-    return {q: int(np.ceil(q / sc.batch_size)) for q in sc.queues if q}
+    """First step whose union holds a full queue (``batch size`` entries are pushed after each step)."""
+    return {q: int(np.ceil(q / sc.batch_size)) + 1 for q in sc.queues if q}
