@@ -184,6 +184,9 @@ def test_unlabeled_images_only_feed_the_distillation_term(tmp_path, faces, make_
     assert torch.allclose(loss, 9.0 * d.term(emb, images)) and kept_labels.numel() == 0
     loss.backward()
     assert head.weight.grad is None and stats["batch_loss"] == 0.0
+    fill = int(head.queue.fill)
+    head.enqueue(kept.detach(), kept_labels)  # what the trainer does with an all-unlabeled micro-batch
+    assert int(head.queue.fill) == fill
 
     # end to end: an unlabeled folder joins the data; the head never sees label -1
     root = tmp_path / "unlabeled"

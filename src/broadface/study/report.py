@@ -29,7 +29,7 @@ def _group(runs: list[dict]) -> dict[tuple[int, bool], list[dict]]:
     for r in runs:
         if r["kind"] == "arm":
             out[(r["queue"], r["compensate"] or r["queue"] == 0)].append(r)
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], not kv[0][1])))
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], not kv[0][1]))}
 
 
 def sweep_table(runs: list[dict]) -> str:
@@ -46,19 +46,26 @@ def sweep_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _pm(values: list[float], digits: int) -> str:
+    """Signed mean ± sample std (just the mean for one value)."""
+    if len(values) < 2:
+        return f"{np.mean(values):+.{digits}f}" if values else "–"
+    return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
 def paired_table(runs: list[dict]) -> str:
     """Differences to the same seed's ArcFace arm (paired by seed: same warm start and data order)."""
     groups = _group(runs)
     base = {r["seed"]: r for r in groups.get((0, True), [])}
-    rows = ["| arm | Δ Recall@1 vs ArcFace (per seed) | mean Δ | Δ pair accuracy % (per seed) | mean Δ |",
+    rows = ["| arm | Δ Recall@1 vs ArcFace (per seed, in seed order) | mean Δ ± std | Δ pair accuracy % (per seed) | mean Δ ± std |",
             "|---|---|---:|---|---:|"]
     for (q, c), rs in groups.items():
         if q == 0:
             continue
         d1 = [r["recall@1"] - base[r["seed"]]["recall@1"] for r in rs if r["seed"] in base]
         d2 = [100 * (r["pair_acc"] - base[r["seed"]]["pair_acc"]) for r in rs if r["seed"] in base]
-        rows.append(f"| {_arm_name(q, c)} | {', '.join(f'{d:+.3f}' for d in d1)} | {np.mean(d1):+.3f} "
-                    f"| {', '.join(f'{d:+.2f}' for d in d2)} | {np.mean(d2):+.2f} |")
+        rows.append(f"| {_arm_name(q, c)} | {', '.join(f'{d:+.3f}' for d in d1)} | {_pm(d1, 3)} "
+                    f"| {', '.join(f'{d:+.2f}' for d in d2)} | {_pm(d2, 2)} |")
     return "\n".join(rows)
 
 
@@ -151,21 +158,32 @@ def plot_sweep(runs: list[dict], path: Path) -> None:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
-    fig = _fig()
-    ax = fig.add_subplot(1, 1, 1)
-    for (q, c), rs in _group(runs).items():
-        if not rs[0]["curve"]:
-            continue
+    """Left: Recall@1 per arm (mean ± std over seeds). Right: difference to the same seed's ArcFace."""
+    groups = {k: rs for k, rs in _group(runs).items() if rs[0]["curve"]}
+    base = {r["seed"]: np.array([v for _, v in r["curve"]]) for r in groups.get((0, True), [])}
+    fig = _fig(10, 3.8)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for (q, c), rs in groups.items():
         steps = np.array([s for s, _ in rs[0]["curve"]])
         vals = np.array([[v for _, v in r["curve"]] for r in rs])
-        mean, std = vals.mean(0), (vals.std(0, ddof=1) if len(rs) > 1 else 0 * vals[0])
-        ax.plot(steps, mean, label=_arm_name(q, c))
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("test Recall@1 (unseen classes)")
-    ax.set_title("Learning curves, mean ± std over seeds (cf. paper Fig. 7b)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for ax, v in ((left, vals), (right, np.array([x - base[r["seed"]] for x, r in zip(vals, rs) if r["seed"] in base]))):
+            if len(v) == 0:
+                continue
+            mean, std = v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else 0 * v[0])
+            ax.plot(steps, mean, label=f"{_arm_name(q, c)} ({len(v)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    full = [rs[0]["first_full_step"] for (q, _), rs in groups.items() if q and rs[0]["first_full_step"]]
+    if full:
+        for ax in (left, right):
+            ax.axvline(max(full), color="grey", ls=":", lw=1)
+        right.annotate("largest queue full", (max(full), 0), fontsize=7, color="grey")
+    left.set_ylabel("test Recall@1 (unseen classes)")
+    right.set_ylabel("Δ Recall@1 vs the same seed's ArcFace")
+    for ax in (left, right):
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Learning curves, mean ± std over seeds (cf. paper Fig. 7b)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -99,6 +99,17 @@ class Distiller(nn.Module):
         self.last_stats = stats
         return loss, emb, lab, stats
 
+    def sync_gradients(self) -> None:
+        """torchrun: average the projection's gradient over ranks (it lives outside DDP); a no-op otherwise."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.projection.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(dist.get_world_size())
+
     def add_param_group(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
         """Put the projection (if any) in the optimizer as group ``"distill"`` (backbone lr and decay)."""
         params = [p for p in self.projection.parameters() if p.requires_grad]
@@ -128,6 +139,11 @@ def build_distiller(cfg: Config, train_set: Dataset, device: torch.device) -> tu
     from broadface.train.teacher import load_teacher
     from broadface.train.teacher_cache import open_or_build
 
+    import torch.distributed as dist
+
+    if d.unlabeled_root and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # ranks would hand the (class-sharded) head micro-batches of different sizes
+        raise ValueError("config distill.unlabeled_root: unlabeled images are supported in one process only for now")
     teacher = load_teacher(d.teacher, device, fallback_size=cfg.model.input_size)
     unlabeled = None
     if d.unlabeled_root:

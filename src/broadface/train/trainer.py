@@ -244,6 +244,8 @@ class Trainer:
             distill_loss += stats.get("distill_loss", 0.0) / t.grad_accum
         for embeddings, labels in pending:  # after the whole step was forwarded, before W moves
             self.head.enqueue(embeddings, labels)
+        if self.distill is not None:
+            self.distill.sync_gradients()  # the projection is outside DDP
         grad_norm = None
         if self.cfg.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
