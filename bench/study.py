@@ -34,7 +34,7 @@ def quick_config() -> StudyConfig:
 
 def _save(data: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
     tmp.replace(path)
 
 
@@ -99,7 +99,8 @@ def main() -> None:
         data["overhead"] = costs.overhead(sc, OMNIGLOT_CLASSES, rounds=2 if args.quick else 3)
         data["overhead_meta"] = {"width": sc.width, "batch": sc.batch_size, "classes": OMNIGLOT_CLASSES,
                                  "dim": sc.embedding_size, "rounds": 2 if args.quick else 3, "steps": 5,
-                                 "threads": sc.threads, "wall_s": time.perf_counter() - t, "machine": markdown.machine()}
+                                 "threads": sc.threads, "wall_s": time.perf_counter() - t,
+                                 "machine": markdown.machine()}
         _save(data, json_path)
         t = time.perf_counter()
         referenced = [128, 256, 512] if args.quick else [128, 256, 512, 1024, 2048]

@@ -43,7 +43,9 @@ class MemorySet(Dataset):
 
 @lru_cache(maxsize=2)
 def load_omniglot(size: int = 28, data_root: str | None = None) -> tuple[MemorySet, MemorySet]:
-    """(train, test) Omniglot splits decoded once per process at ``size`` x ``size`` (3 channels, [-1, 1]); read-only."""
+    """(train, test) Omniglot splits, decoded once per process at ``size`` x ``size`` (3 channels, [-1, 1]).
+
+    Cached: treat the returned sets as read-only."""
     from broadface.data import open_dataset
     from broadface.data.transforms import EvalTransform
 

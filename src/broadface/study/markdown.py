@@ -1,6 +1,7 @@
 """Render docs/RESULTS.md from runs.json (tables, plots, machine, commands, wall times) + docs/study_notes.md."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -36,14 +37,18 @@ def _plan(d: dict[str, Any]) -> str:
             f"alphabets (2,720 images), evaluate on the 106 characters of 3 other alphabets (2,120 images), "
             f"{c['input_size']}×{c['input_size']}, no flip.\n"
             f"- Model: `tinycnn` width {c['width']}, D = {c['embedding_size']}; ArcFace s = {c['scale']:g}, "
-            f"m = {c['margin']:g}; SGD momentum 0.9, weight decay {c['weight_decay']:g}; {c['threads']} torch thread per run.\n"
-            f"- Warm start (one per seed, shared by every arm of that seed): ArcFace from scratch, {c['warm_steps']} steps × "
+            f"m = {c['margin']:g}; SGD momentum 0.9, weight decay {c['weight_decay']:g}; "
+            f"{c['threads']} torch thread per run.\n"
+            f"- Warm start (one per seed, shared by every arm of that seed): ArcFace from scratch, "
+            f"{c['warm_steps']} steps × "
             f"batch {c['batch_size']}, lr {c['warm_lr']:g} (30-step warm-up, then constant).\n"
-            f"- Every arm: {c['steps']} fine-tuning steps × batch {c['batch_size']} from that warm start, lr {c['lr']:g}, × 0.1 at "
+            f"- Every arm: {c['steps']} fine-tuning steps × batch {c['batch_size']} from that warm start, "
+            f"lr {c['lr']:g}, × 0.1 at "
             f"step {int(c['lr_drop_at'] * c['steps'])}, same seed ⇒ same data order; only the queue size and the "
             f"compensation differ. {n_arms} arms × {len(c['seeds'])} seeds (seeds {c['seeds']}) = "
             f"{n_arms * len(c['seeds'])} fine-tuning runs + {len(c['seeds'])} warm starts.\n"
-            f"- Queue fill: {c['batch_size']} entries are pushed after each step, so the classifier sees a full queue from — {fills}. "
+            f"- Queue fill: {c['batch_size']} entries are pushed after each step, so the classifier sees a full "
+            f"queue from — {fills}. "
             f"The training set has 2,720 images, so a queue larger than that holds several entries of the same image "
             f"(of different ages).\n"
             f"- Evaluation: Recall@K, every test image querying the other 2,119 (cosine); pair verification on "
@@ -52,7 +57,32 @@ def _plan(d: dict[str, Any]) -> str:
             f"10th). Learning curves: Recall@1 every {c['eval_every']} steps for queue 0 and the largest queue.\n"
             f"- Compensation error: in the largest compensated arm, at steps {c['error_steps']}, the entries of every "
             f"{c['error_stride']}th enqueue step are re-embedded by the current encoder (as the same mini-batch, in "
-            f"train mode, on a copy of the encoder) and compared with e* and e⁻ (full-storage queue with sample ids).")
+            f"train mode, on a copy of the encoder) and compared with e* and e⁻ (full-storage queue with sample "
+            f"ids).")
+
+
+def _distill_section(results: Path) -> list[str]:
+    """Section 6 from the JSON that ``bench/distill.py --json`` wrote (copied to docs/distill/results.json)."""
+    head = ["## 6. BigFace distillation and masked faces (bench/distill.py)", ""]
+    if not results.exists():
+        return head + ["(not run: `python bench/distill.py --json docs/distill/results.json`)", ""]
+    r = json.loads(results.read_text())
+    a, st = r["args"], r["setup"]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items()
+                     if k in ("threads", "teacher_width", "teacher_steps", "student_steps", "pairs") and v is not None)
+    rows = ["| model | LFW % | LFW, one image masked % | CelebA-299 Recall@1 | train s |", "|---|---|---|---:|---:|"]
+    for name, m in r["results"].items():
+        if "lfw" not in m:
+            continue
+        rows.append(f"| {name} | {100 * m['lfw']:.2f} ± {100 * m['lfw_std']:.2f} | "
+                    f"{100 * m['lfw_masked']:.2f} ± {100 * m['lfw_masked_std']:.2f} | "
+                    f"{m['celeba_recall@1']:.4f} | {m['train_s']:.0f} |")
+    return head + [
+        f"Command: `python bench/distill.py {flags}{' --no-flip' if not st['flip'] else ''}` "
+        f"(one seed, {r['lfw_pairs']} LFW pairs, mask_prob {a['mask_prob']}, λ = {a['weight']}, "
+        f"{a['kind']} distance; teacher iResNet width {st['teacher_width']} trained {st['teacher_steps']} steps; "
+        f"students {st['student_steps']} steps; {r['torch_threads']} torch thread, shared 2-core CPU); "
+        f"wall {r['wall_s']:.0f} s. Details: [distillation](distillation.md).", "", *rows, ""]
 
 
 def write(d: dict[str, Any], path: Path, notes: Path, figures: list[Path]) -> None:
@@ -103,12 +133,16 @@ def write(d: dict[str, Any], path: Path, notes: Path, figures: list[Path]) -> No
         parts += [f"The study's training step (tinycnn width {om['width']}, batch {om['batch']}, C = {om['classes']}, "
                   f"D = {om['dim']}, forward + backward + SGD; queue pre-filled), all sizes in one process, "
                   f"{om['rounds']} interleaved rounds × {om['steps']} timed steps, {om['threads']} thread; "
-                  f"wall {om['wall_s']:.0f} s; {_machine_line(om['machine'])}.", "", report.overhead_table(d["overhead"]), ""]
+                  f"wall {om['wall_s']:.0f} s; {_machine_line(om['machine'])}.", "",
+                  report.overhead_table(d["overhead"]), ""]
     else:
         parts += ["(not run)", ""]
-    parts += ["## Wall time of every run", "", "| run | seed | queue | compensation | wall s |", "|---|---:|---:|---|---:|"]
-    for r in runs:
-        parts.append(f"| {r['kind']} | {r['seed']} | {r.get('queue', 0)} | {r.get('compensate', '–')} | {r['wall_s']:.0f} |")
+    parts += _distill_section(path.parent / "distill" / "results.json")
+    parts += ["## Wall time of every run", "", "| run | seed | queue | compensation | wall s |",
+              "|---|---:|---:|---|---:|"]
+    for r in sorted(runs, key=lambda r: (r["kind"] != "warm", r["seed"], r.get("queue", 0), not r.get("compensate"))):
+        comp = ("yes" if r["compensate"] else "no") if r.get("queue") else "–"
+        parts.append(f"| {r['kind']} | {r['seed']} | {r.get('queue', 0)} | {comp} | {r['wall_s']:.0f} |")
     parts += ["", "---", ""]
     parts += [notes.read_text().strip() if notes.exists() else "(docs/study_notes.md not written yet)", ""]
     path.write_text("\n".join(parts))

@@ -29,7 +29,8 @@ def _group(runs: list[dict]) -> dict[tuple[int, bool], list[dict]]:
     for r in runs:
         if r["kind"] == "arm":
             out[(r["queue"], r["compensate"] or r["queue"] == 0)].append(r)
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], not kv[0][1]))}
+    ordered = sorted(out.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in ordered}
 
 
 def sweep_table(runs: list[dict]) -> str:
@@ -57,7 +58,8 @@ def paired_table(runs: list[dict]) -> str:
     """Differences to the same seed's ArcFace arm (paired by seed: same warm start and data order)."""
     groups = _group(runs)
     base = {r["seed"]: r for r in groups.get((0, True), [])}
-    rows = ["| arm | Δ Recall@1 vs ArcFace (per seed, in seed order) | mean Δ ± std | Δ pair accuracy % (per seed) | mean Δ ± std |",
+    rows = ["| arm | Δ Recall@1 vs ArcFace (per seed, in seed order) | mean Δ ± std "
+            "| Δ pair accuracy % (per seed) | mean Δ ± std |",
             "|---|---|---:|---|---:|"]
     for (q, c), rs in groups.items():
         if q == 0:
@@ -72,7 +74,8 @@ def paired_table(runs: list[dict]) -> str:
 def warm_table(runs: list[dict]) -> str:
     rows = ["| seed | warm-start steps | Recall@1 | pair accuracy % | wall s |", "|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in runs if r["kind"] == "warm"), key=lambda r: r["seed"]):
-        rows.append(f"| {r['seed']} | {r['steps']} | {r['recall@1']:.3f} | {100 * r['pair_acc']:.2f} | {r['wall_s']:.0f} |")
+        rows.append(f"| {r['seed']} | {r['steps']} | {r['recall@1']:.3f} | {100 * r['pair_acc']:.2f} "
+                    f"| {r['wall_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -105,7 +108,8 @@ def error_table(runs: list[dict]) -> str:
 
 
 def overhead_table(rows: list[dict]) -> str:
-    out = ["| queue Q | filled | median step ms | min–max ms | samples/s | vs Q = 0 |", "|---:|---:|---:|---|---:|---:|"]
+    out = ["| queue Q | filled | median step ms | min–max ms | samples/s | vs Q = 0 |",
+           "|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         out.append(f"| {r['queue']} | {r['fill']} | {r['step_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} "
                    f"| {r['samples_per_s']:.0f} | {r['vs_q0']:.2f}× |")
@@ -114,7 +118,8 @@ def overhead_table(rows: list[dict]) -> str:
 
 def memory_table(rows: list[dict]) -> str:
     plain = {r["referenced"]: r["step_mb"] for r in rows if r["kind"] == "plain"}
-    out = ["| referenced instances N | plain: batch N, step MB | BroadFace: batch b + queue N − b | BroadFace step MB "
+    out = ["| referenced instances N | plain: batch N, step MB | BroadFace: batch b + queue N − b "
+           "| BroadFace step MB "
            "| BroadFace / plain |", "|---:|---:|---|---:|---:|"]
     for n in sorted(plain):
         bf = [r for r in rows if r["kind"] == "broadface" and r["referenced"] == n]
@@ -134,25 +139,28 @@ def _fig(w: float = 5.5, h: float = 3.8):
 
 
 def plot_sweep(runs: list[dict], path: Path) -> None:
+    """Per queue size: the difference to the same seed's ArcFace run (mean ± std over seeds)."""
     groups = _group(runs)
+    base = {r["seed"]: r for r in groups.get((0, True), [])}
     fig = _fig(10, 3.8)
-    for i, (key, label) in enumerate((("recall@1", "Recall@1 (unseen classes)"),
-                                      ("pair_acc", "pair verification accuracy (10-fold)"))):
+    for i, (key, label, unit) in enumerate((("recall@1", "Δ Recall@1 vs ArcFace (unseen classes)", 1),
+                                            ("pair_acc", "Δ pair accuracy vs ArcFace, % points", 100))):
         ax = fig.add_subplot(1, 2, i + 1)
-        base = groups.get((0, True), [])
-        for comp, style in ((True, "o-"), (False, "s--")):
-            pts = [(q, [r[key] for r in rs]) for (q, c), rs in groups.items() if q and c == comp]
-            if base:
-                pts = [(0, [r[key] for r in base])] + pts
-            xs = np.arange(len(pts))
+        for comp, style, shift in ((True, "o-", -0.06), (False, "s--", 0.06)):
+            pts = [(0, [0.0] * len(base))] + [
+                (q, [unit * (r[key] - base[r["seed"]][key]) for r in rs if r["seed"] in base])
+                for (q, c), rs in groups.items() if q and c == comp]
+            xs = np.arange(len(pts)) + shift
             ax.errorbar(xs, [np.mean(v) for _, v in pts], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts],
                         fmt=style, capsize=3, label="compensated" if comp else "no compensation")
-            ax.set_xticks(xs, [str(q) for q, _ in pts])
+            ax.set_xticks(np.arange(len(pts)), [str(q) for q, _ in pts])
+        ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("queue size (0 = ArcFace)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Queue-size sweep, Omniglot, mean ± std over seeds (cf. paper Fig. 7a)", fontsize=9)
+    fig.suptitle("Queue-size sweep, Omniglot: paired difference to ArcFace, mean ± std over seeds "
+                 "(cf. paper Fig. 7a; absolute values in the table)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -166,7 +174,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     for (q, c), rs in groups.items():
         steps = np.array([s for s, _ in rs[0]["curve"]])
         vals = np.array([[v for _, v in r["curve"]] for r in rs])
-        for ax, v in ((left, vals), (right, np.array([x - base[r["seed"]] for x, r in zip(vals, rs) if r["seed"] in base]))):
+        diff = np.array([x - base[r["seed"]] for x, r in zip(vals, rs) if r["seed"] in base])
+        for ax, v in ((left, vals), (right, diff)):
             if len(v) == 0:
                 continue
             mean, std = v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else 0 * v[0])
@@ -212,12 +221,12 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     for kind, style in (("plain", "o-"), ("broadface", "s-")):
         rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["referenced"])
-        label = "plain mini-batch (batch N)" if kind == "plain" else f"BroadFace (batch {rs[0]['batch']} + queue N − b)" \
-            if rs else kind
+        label = ("plain mini-batch (batch N)" if kind == "plain" else
+                 f"BroadFace (batch {rs[0]['batch']} + queue N − b)" if rs else kind)
         ax.plot([r["referenced"] for r in rs], [r["step_mb"] for r in rs], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("instances referenced by the classifier per step, N")
-    ax.set_ylabel("peak memory of a step, MB")
+    ax.set_ylabel("step peak − memory before the head, MB")
     ax.set_title("Memory (cf. paper Fig. 6), CPU peak RSS", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -116,7 +116,8 @@ def compensation_error(tr, stride: int) -> dict[str, list]:
         slots.append(sl)
         current.append(model(tr.train_set.images[q.ids[sl]]))
     err = head.compensation_error(torch.cat(current), torch.cat(slots))
-    return {k: v.tolist() for k, v in err.items()}
+    return {k: [float(f"{x:.6g}") for x in v.tolist()] if v.is_floating_point() else v.tolist()
+            for k, v in err.items()}
 
 
 def warm_start_run(sc: StudyConfig, seed: int, path: str) -> dict[str, Any]:
