@@ -49,7 +49,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
         """About 2 minutes: fewer steps, 1,200 LFW pairs (still 10 folds)."""
-        base = dict(warm_steps=80, steps=50, queue_size=1024, eval_every=25, lfw_pairs=1200)
+        base = dict(warm_steps=80, steps=50, queue_size=1024, eval_every=50, lfw_pairs=1200)
         return cls(**{**base, **kw})
 
 
