@@ -140,6 +140,8 @@ def run_config(cfg: dict, mem_limit_gib: float) -> dict:
             return {"skipped": f"needs ~{est:.0f} GiB"}
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
                          capture_output=True, text=True)
+    if out.returncode < 0:  # SIGKILL from the kernel's OOM killer, typically
+        return {"skipped": f"killed (signal {-out.returncode}, out of memory?)"}
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["?"])[-1]
         return {"skipped": f"failed: {tail[:60]}"}
