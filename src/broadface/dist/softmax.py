@@ -11,6 +11,7 @@ must call these functions with the same N (and the same chunk size).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -53,50 +54,6 @@ def parallel_cross_entropy(logits: Tensor, target: Tensor, group=None) -> Tensor
     return _ParallelCE.apply(logits, target, group)
 
 
-class _ParallelChunkedMarginCE(torch.autograd.Function):
-    """Like :class:`broadface.heads.union.ChunkedMarginCE`, with the classes split across ranks."""
-
-    @staticmethod
-    def forward(ctx, weight_n: Tensor, feats_n: Tensor, target: Tensor, margin: Callable[[Tensor], Tensor],
-                scale: float, chunk_size: int, group) -> Tensor:
-        from broadface.heads.union import target_and_slope  # here: broadface.heads imports this module
-
-        need_grad = ctx.needs_input_grad[0]
-        n = feats_n.shape[0]
-        with torch.autocast(device_type=weight_n.device.type, enabled=False):
-            w = weight_n.detach().float()
-            grad_w = torch.zeros_like(w) if need_grad else None
-            total = torch.zeros((), dtype=torch.float64, device=w.device)
-            for start in range(0, n, chunk_size):
-                f = feats_n[start:start + chunk_size].float()
-                t = target[start:start + chunk_size]
-                own = (t >= 0).nonzero().squeeze(1)
-                t_own = t[own].long()
-                cos = torch.mm(f, w.t()).clamp_(-1.0, 1.0)           # (k, C_r)
-                phi, slope = target_and_slope(margin, cos[own, t_own], need_grad)
-                z = cos.mul_(scale)
-                z[own, t_own] = scale * phi
-                tz = torch.zeros(f.shape[0], dtype=z.dtype, device=z.device)
-                tz[own] = scale * phi
-                lse, tz = _global_lse(z, tz, group)
-                total += (lse - tz).sum(dtype=torch.float64)
-                if need_grad:  # ∂L/∂cos_j = s·p_j, target: s·(p_y − 1)·φ'(cos_y)
-                    p = z.sub_(lse[:, None]).exp_()
-                    p_y = p[own, t_own]
-                    g = p.mul_(scale)
-                    g[own, t_own] = scale * (p_y - 1.0) * slope
-                    grad_w.addmm_(g.t(), f)
-        ctx.n = n
-        if need_grad:
-            ctx.save_for_backward(grad_w)
-        return (total / max(n, 1)).float()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (grad_w,) = ctx.saved_tensors
-        return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None, None
-
-
 def parallel_chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, target: Tensor,
                                margin: Callable[[Tensor], Tensor], scale: float, chunk_size: int = 4096,
                                group=None) -> Tensor:
@@ -106,6 +63,9 @@ def parallel_chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, target: Tensor
     ``target`` (M,) is each row's local label column or -1; ``margin`` maps target cosines to
     margin-adjusted cosines (``MarginHead.target``). Every rank must pass the same M rows.
     """
+    from broadface.heads.union import ChunkedMarginCE  # here: broadface.heads imports this module
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ParallelChunkedMarginCE.apply(weight_n, feats_n.detach(), target, margin, scale, chunk_size, group)
+    lse = partial(_global_lse, group=group)  # the one chunk loop, with max and Σexp all-reduced
+    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), target, margin, scale, chunk_size, lse)

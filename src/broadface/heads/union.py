@@ -31,32 +31,47 @@ def target_and_slope(target: Callable[[Tensor], Tensor], cos_t: Tensor, need_gra
     return phi.detach(), slope
 
 
+LseFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
+def local_lse(z: Tensor, target_logit: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log Σ_j exp z_j, target logit)`` per row when this process holds every class."""
+    return torch.logsumexp(z, dim=1), target_logit
+
+
 class ChunkedMarginCE(torch.autograd.Function):
-    """``mean_i CE(s·margin(ê_i·Ŵᵀ), y_i)`` with a gradient for ``Ŵ`` only."""
+    """``mean_i CE(s·margin(ê_i·Ŵᵀ), y_i)`` with a gradient for ``Ŵ`` only.
+
+    ``target`` holds each row's column in ``Ŵ``, or −1 where another rank owns the class;
+    ``lse`` turns the chunk's logits (and target logits, zero where not owned) into the
+    row-wise log-sum-exp and target logit: :func:`local_lse` here, all-reduced across ranks
+    for a model-parallel classifier (:func:`broadface.dist.parallel_chunked_margin_ce`).
+    """
 
     @staticmethod
-    def forward(ctx, weight_n: Tensor, feats_n: Tensor, labels: Tensor,
-                target: Callable[[Tensor], Tensor], scale: float, chunk_size: int) -> Tensor:
+    def forward(ctx, weight_n: Tensor, feats_n: Tensor, target: Tensor,
+                margin: Callable[[Tensor], Tensor], scale: float, chunk_size: int, lse: LseFn) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         n = feats_n.shape[0]
-        device_type = weight_n.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with torch.autocast(device_type=weight_n.device.type, enabled=False):
             w = weight_n.detach().float()
             grad_w = torch.zeros_like(w) if need_grad else None
             total = torch.zeros((), dtype=torch.float64, device=w.device)
             for start in range(0, n, chunk_size):
                 f = feats_n[start:start + chunk_size].float()
-                y = labels[start:start + chunk_size].long().unsqueeze(1)
+                t = target[start:start + chunk_size]
+                own = (t >= 0).nonzero().squeeze(1)
+                t_own = t[own].long()
                 z = torch.mm(f * scale, w.t())                       # s·cos, (k, C): the only big tensor
-                cos_t = (z.gather(1, y).squeeze(1) / scale).clamp_(-1.0, 1.0)
-                phi, slope = target_and_slope(target, cos_t, need_grad)
-                z.scatter_(1, y, (scale * phi).unsqueeze(1))
-                lse = torch.logsumexp(z, dim=1)
-                total += (lse - scale * phi).sum(dtype=torch.float64)
+                phi, slope = target_and_slope(margin, (z[own, t_own] / scale).clamp_(-1.0, 1.0), need_grad)
+                z[own, t_own] = scale * phi
+                tz = torch.zeros(f.shape[0], dtype=z.dtype, device=z.device)
+                tz[own] = scale * phi
+                row_lse, tz = lse(z, tz)
+                total += (row_lse - tz).sum(dtype=torch.float64)
                 if need_grad:
-                    p = z.sub_(lse.unsqueeze(1)).exp_()              # softmax, in place
-                    p_y = p.gather(1, y).squeeze(1)
-                    p.scatter_(1, y, ((p_y - 1.0) * slope).unsqueeze(1))  # ∂L/∂cos ÷ s
+                    p = z.sub_(row_lse.unsqueeze(1)).exp_()          # softmax, in place
+                    p[own, t_own] = (p[own, t_own] - 1.0) * slope    # ∂L/∂cos ÷ s
                     grad_w.addmm_(p.t(), f, alpha=scale)             # (C, k) @ (k, D)
         ctx.n = n
         if need_grad:
@@ -66,7 +81,7 @@ class ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (grad_w,) = ctx.saved_tensors
-        return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None
+        return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None, None
 
 
 def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, labels: Tensor,
@@ -77,4 +92,4 @@ def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, labels: Tensor,
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), labels, target, scale, chunk_size)
+    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), labels, target, scale, chunk_size, local_lse)
