@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.metrics.reference (section b)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.metrics.reference (sections a, b)
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -53,15 +53,10 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 
 # ---------------------------------------------------------------------------------------------- (a)
 def sklearn_insightface(scores, same):
-    from sklearn.metrics import roc_curve
+    """sklearn ROC + eval_ijbc.py's nearest-FPR search (the reference in tests/metrics)."""
+    from tests.metrics.reference import insightface_tar_at_far
 
-    fpr, tpr, _ = roc_curve(same, scores)
-    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
-    out = []
-    for x in FARS:
-        _, i = min(zip(abs(fpr - x), range(len(fpr))))
-        out.append(tpr[i])
-    return np.array(out)
+    return insightface_tar_at_far(scores, same, FARS)
 
 
 def roc_only(scores, same):
