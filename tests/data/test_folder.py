@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 import broadface.data.folder as folder_mod
 from broadface.data import FaceFolder, ImageDecodeError
 
-from .conftest import NAMES
+from tests.helpers import NAMES
 
 
 def test_lfw_listing_is_lazy_sorted_and_labelled(lfw_dir, monkeypatch):

@@ -9,7 +9,7 @@ from PIL import Image
 from broadface.data import FaceFolder, ImageDecodeError, RecordIODataset, pack_folder
 from broadface.data.mxrecord import MAGIC, RecordReader, RecordWriter, frame, pack, read_index, unpack
 
-from .conftest import NAMES
+from tests.helpers import NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MAGIC_BYTES = struct.pack("<I", MAGIC)

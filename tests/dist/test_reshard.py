@@ -8,7 +8,7 @@ from broadface.dist import full_state_from_broadface, merge_head_states, merge_r
 from broadface.dist.reshard import class_range, merge_fifo, split_fifo
 from broadface.heads import ArcFace, BroadFace
 from broadface.heads.sharded import ShardedBroadFace, ShardedMarginHead
-from tests.dist.launcher import spawn
+from tests.helpers import spawn
 
 C, D, N, Q, WORLD = 13, 6, 6, 6, 2  # Q per rank; one rank holds WORLD*Q
 MODES = ("local", "replicated")

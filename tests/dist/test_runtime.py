@@ -11,7 +11,7 @@ from broadface.dist import (DistEnv, all_gather_tensor, all_gather_with_grad, ba
                             init_distributed, reduce_mean, reduce_sums, run_on_main)
 from broadface.train.memory import zero_redundancy
 from broadface.train.optim import LARS
-from tests.dist.launcher import env_for, free_port, rendezvous, spawn
+from tests.helpers import env_for, free_port, rendezvous, spawn
 
 WORLD, TIMEOUT = 2, 2.0  # the default group's timeout; rank 0's "evaluation" takes longer
 

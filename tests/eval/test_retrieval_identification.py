@@ -6,7 +6,7 @@ from broadface.data.folder import list_classes, list_images
 from broadface.eval import evaluate_identification, evaluate_retrieval, gallery_probe_split
 from broadface.metrics import cmc, map_at_r, recall_at_k, tpir_at_fpir
 from broadface.paths import data_root
-from tests.eval.pixelnet import reference_embeddings
+from tests.helpers import reference_embeddings
 
 
 def celeba(first: int, ids: int, per_id: int) -> FaceFolder:

@@ -5,7 +5,7 @@ import pytest
 
 from broadface.eval.templates import evaluate_templates, read_ijb_meta, template_features
 from broadface.infer.embed import read_rgb
-from tests.eval.pixelnet import reference_features
+from tests.helpers import reference_features
 from tests.metrics.reference import insightface_tar_at_far, insightface_templates
 
 FARS = (1e-2, 1e-1, 0.3)

@@ -4,7 +4,7 @@ import pytest
 from broadface.data.binfile import lfw_bin_images, write_bin
 from broadface.data.pairs import read_lfw_pairs
 from broadface.eval.verification import bin_pair_set, evaluate_pairs, lfw_pair_set
-from tests.eval.pixelnet import reference_embeddings, reference_features
+from tests.helpers import reference_embeddings, reference_features
 from tests.metrics.reference import insightface_kfold
 
 

@@ -11,7 +11,7 @@ from broadface.dist import rank_slice
 from broadface.heads import ArcFace, BroadFace, CosFace, chunked_margin_ce
 from broadface.heads.sharded import ShardedBroadFace, ShardedMarginHead
 from broadface.train.memory import micro_batch_backward
-from tests.dist.launcher import spawn
+from tests.helpers import spawn
 
 D, S, LR, WORLD = 6, 16.0, 2.0, 2
 MARGINS = {"arcface": ArcFace, "cosface": CosFace}

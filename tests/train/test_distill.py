@@ -13,12 +13,13 @@ from broadface.data.folder import FaceFolder
 from broadface.data.seeding import generator_for
 from broadface.data.transforms import EvalTransform, FaceTransform
 from broadface.models import build_model
-from broadface.train.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint
+from broadface.train.checkpoint import load_checkpoint
 from broadface.train.distill import Distiller, distill_loss
 from broadface.train.distill_data import DistillDataset, fingerprint
 from broadface.train.teacher import load_teacher, module_teacher, onnx_teacher
 from broadface.train.teacher_cache import build_cache, open_cache, sidecar_path
 from broadface.train.trainer import Trainer
+from tests.helpers import save_backbone
 
 from .test_trainer import Crash, assert_same_state, crash_at
 
@@ -27,7 +28,7 @@ def save_teacher(path, seed=7, dim=24):
     """A tinycnn checkpoint (28x28, D=dim) as a teacher file."""
     torch.manual_seed(seed)
     model = build_model("tinycnn", embedding_size=dim, input_size=28, width=8)
-    atomic_save({"format": FORMAT, "version": VERSION, "model": model.config, "backbone": model.state_dict()}, path)
+    save_backbone(model, path)
     return path
 
 

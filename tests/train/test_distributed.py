@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from broadface.train.checkpoint import atomic_save, load_checkpoint
+from broadface.fileio import atomic_torch_save
+from broadface.train.checkpoint import load_checkpoint
 from broadface.train.trainer import Trainer
-from tests.dist.launcher import free_port, spawn
-from tests.train.conftest import tiny_config as make_config
+from tests.helpers import free_port, spawn
+from tests.helpers import tiny_config as make_config
 
 BATCH, QUEUE, STEPS = 8, 16, 6  # global batch and queue (one process); per rank: halves
 COMMON = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=0", "optim.lr=0.2"]
@@ -103,8 +104,8 @@ def runs(tmp_path_factory, faces, val_faces):
     tmp = tmp_path_factory.mktemp("dist")
     init = tmp / "init.pt"
     w0 = torch.randn(len(faces.classes), 16, generator=torch.Generator().manual_seed(5)) * 0.1
-    atomic_save({"format": "broadface", "version": 1, "backbone": net().state_dict(), "head": {"margin.weight": w0}},
-                init)
+    atomic_torch_save({"format": "broadface", "version": 1, "backbone": net().state_dict(),
+                       "head": {"margin.weight": w0}}, init)
     one, _ = run(faces, tmp / "one", 1, f"train.init={init}")
     spawn(_worker, 2, tmp, faces, val_faces, init, timeout=240)
     return tmp, one, torch.load(tmp / "records.pt")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from broadface.cli._inference import embed_paths, list_images, load_model, make_detector
-    from broadface.cli.align import atomic_write_bytes
+    from broadface.fileio import atomic_write_bytes
 
     out = Path(args.out)
     if out.suffix != ".npy":

@@ -60,12 +60,13 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def run_from_insightface(args: argparse.Namespace) -> int:
+    from broadface.fileio import atomic_torch_save
     from broadface.models import count_parameters
     from broadface.models.insightface import load_insightface
-    from broadface.train.checkpoint import FORMAT, VERSION, atomic_save
+    from broadface.train.checkpoint import FORMAT, VERSION
 
     model = load_insightface(args.weights, input_size=args.input_size)
-    atomic_save({"format": FORMAT, "version": VERSION, "model": model.config, "backbone": model.state_dict()},
+    atomic_torch_save({"format": FORMAT, "version": VERSION, "model": model.config, "backbone": model.state_dict()},
                 args.output)
     print(f"wrote {args.output}: {model.config} ({count_parameters(model) / 1e6:.2f}M params)")
     return 0

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from broadface.cli._inference import embed_paths, load_model, make_detector
-    from broadface.cli.align import atomic_write_bytes
+    from broadface.fileio import atomic_write_bytes
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")

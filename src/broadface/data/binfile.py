@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from broadface.data.images import decode_image
+from broadface.fileio import atomic_write
 
 
 class UnsafePickleError(ValueError):
@@ -85,13 +86,7 @@ def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence
     issame = [bool(s) for s in issame]
     if len(images) != 2 * len(issame):
         raise ValueError(f"write_bin: {len(images)} images for {len(issame)} pairs (need exactly 2 per pair)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((images, issame), f, protocol=protocol)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: pickle.dump((images, issame), f, protocol=protocol))
 
 
 def decode_bin_images(images: Sequence[bytes], path: str | os.PathLike = "bin") -> list:

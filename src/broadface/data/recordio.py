@@ -16,7 +16,6 @@ and record. Labels are read from the record headers on first use of ``targets``.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from broadface.data.base import ImageDataset, Transform
 from broadface.data.folder import FaceFolder
 from broadface.data.images import IMG_EXTENSIONS, ImageDecodeError, decode_image
 from broadface.data.mxrecord import IR_SIZE, RecordReader, RecordWriter, pack, read_index, unpack
+from broadface.fileio import atomic_write
 
 
 def _rec_paths(prefix_or_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
@@ -150,21 +150,6 @@ class PackSummary:
     skipped: list[str] = field(default_factory=list)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; these are ordinary shareable data files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def pack_folder(
     folder: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -217,9 +202,9 @@ def pack_folder(
             w.write(n + 1 + cls, pack([starts[cls] + 1, starts[cls + 1] + 1], b"", id=n + 1 + cls))
         write_rec.index = w  # type: ignore[attr-defined]
 
-    _atomic_write(out / "train.rec", write_rec)
-    _atomic_write(out / "train.idx", write_rec.index.write_index)  # type: ignore[attr-defined]
+    atomic_write(out / "train.rec", write_rec)
+    atomic_write(out / "train.idx", write_rec.index.write_index)  # type: ignore[attr-defined]
     (h, w), count = sizes.most_common(1)[0]
-    _atomic_write(out / "property", lambda f: f.write(f"{c},{h},{w}\n".encode()))
-    _atomic_write(out / "classes.txt", lambda f: f.write("".join(x + "\n" for x in ds.classes).encode()))
+    atomic_write(out / "property", lambda f: f.write(f"{c},{h},{w}\n".encode()))
+    atomic_write(out / "classes.txt", lambda f: f.write("".join(x + "\n" for x in ds.classes).encode()))
     return PackSummary(out, n, c, (h, w), n - count, skipped)

@@ -8,10 +8,15 @@ name           location under the root            train / test (class-disjoint)
                                                    ``test_fold=k``: test = people of fold k,
                                                    train = everyone else
 ``celeba299``  ``celeba299/aligned-112x112``       ids sorted numerically: first 149 / other 150
-``omniglot``   ``omniglot/*.zip``                  by alphabet (see :mod:`.omniglot`)
+``omniglot``   ``omniglot/images_background.zip``  the standard split: background (964
+               + ``images_evaluation.zip``         characters) / evaluation (659 others)
+``omniglot_    ``omniglot/images_background_       the small subsets by alphabet, 136 / 106
+small``        small{1,2}.zip``                    characters (fast tests)
 =============  =================================  ==========================================
 
 ``split="all"`` gives every class. Labels are ``0..len(classes)-1`` within the split.
+``rotations=4`` makes each class at 0/90/180/270° a class of its own (any set; Omniglot's
+few-shot convention, :mod:`.rotations`).
 """
 from __future__ import annotations
 
@@ -20,13 +25,15 @@ from pathlib import Path
 
 from broadface.data.base import ImageDataset, Transform
 from broadface.data.folder import FaceFolder, list_classes
-from broadface.data.omniglot import open_omniglot
+from broadface.data.omniglot import open_omniglot_full, open_omniglot_small
+from broadface.data.rotations import RotatedClasses
 from broadface.data.splits import celeba299_split, lfw_split
 from broadface.paths import data_root as _data_root
 
-DATASETS = ("lfw", "celeba299", "omniglot")
+DATASETS = ("lfw", "celeba299", "omniglot", "omniglot_small")
 SPLITS = ("train", "test", "all")
-_LOCATION = {"lfw": "lfw/aligned-112x112", "celeba299": "celeba299/aligned-112x112", "omniglot": "omniglot"}
+_LOCATION = {"lfw": "lfw/aligned-112x112", "celeba299": "celeba299/aligned-112x112", "omniglot": "omniglot",
+             "omniglot_small": "omniglot"}
 
 
 def dataset_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
@@ -49,18 +56,25 @@ def open_dataset(
     *,
     on_error: str = "raise",
     test_fold: int | None = None,
+    rotations: int = 1,
 ) -> ImageDataset:
-    """Open real set ``name`` ("lfw", "celeba299", "omniglot") for ``split`` ("train"/"test"/"all").
+    """Open real set ``name`` (one of :data:`DATASETS`) for ``split`` ("train"/"test"/"all").
 
-    ``test_fold`` (LFW only) picks which View-2 fold's people form the test side.
+    ``test_fold`` (LFW only) picks which View-2 fold's people form the test side;
+    ``rotations`` (1, 2 or 4) turns every class into that many rotated classes.
     """
+    if rotations != 1:
+        base = open_dataset(name, split, None, data_root, on_error=on_error, test_fold=test_fold)
+        return RotatedClasses(base, rotations, transform, on_error)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if test_fold is not None and name != "lfw":
         raise ValueError(f"test_fold applies to 'lfw' only, not {name!r}")
     path = dataset_path(name, data_root)
     if name == "omniglot":
-        return open_omniglot(path, split, transform, on_error)
+        return open_omniglot_full(path, split, transform, on_error)
+    if name == "omniglot_small":
+        return open_omniglot_small(path, split, transform, on_error)
     classes = list_classes(path)
     if split != "all":
         if name == "lfw":

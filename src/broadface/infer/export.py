@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from broadface.fileio import atomic_path
 from broadface.infer.fold_bn import fold_batchnorm
 
 INPUT_NAME = "data"
@@ -70,10 +70,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Non
     except (ValueError, RuntimeError) as err:  # e.g. input size the FC layer was not built for
         raise ValueError(f"cannot export with input_size={size}: {err}") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         kwargs: dict = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
                             dynamo=dynamo)
         if dynamic_batch and dynamo:
@@ -95,10 +92,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Non
             prop.key, prop.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -35,13 +35,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training / validation images: a named set ("lfw", "celeba299", "omniglot") or an image folder."""
+    """Training / validation images: a named set (lfw, celeba299, omniglot, omniglot_small) or an image folder."""
 
-    name: Literal["lfw", "celeba299", "omniglot", "folder", "recordio"] = "celeba299"  # folder: root/<identity>/*.jpg
+    name: Literal["lfw", "celeba299", "omniglot", "omniglot_small", "folder", "recordio"] = "celeba299"  # folder: root/<identity>/*.jpg
     root: str | None = None  # named sets: the data root (null: broadface.paths.data_root()); else the set's path
     train_split: str = "train"
     val_split: str | None = "test"  # held-out identities for Recall@K; null disables evaluation
     val_root: str | None = None  # folder/recordio: a validation image folder of other identities (optional)
+    rotations: int = 1  # 4: every class at 0/90/180/270 degrees is its own class (Omniglot few-shot convention)
     flip: bool = True  # random horizontal flip while training
     mask_prob: float = 0.0  # synthetic face mask on this fraction of training images (BigFace: 0.35)
     num_workers: int = 0
@@ -170,6 +171,7 @@ class Config:
         _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "null or > 0")
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
         _check(h.scale > 0, "head.scale", h.scale, "> 0")
+        _check(self.data.rotations in (1, 2, 4), "data.rotations", self.data.rotations, "1 (off), 2 or 4")
         _check(0 <= self.data.mask_prob <= 1, "data.mask_prob", self.data.mask_prob, "a probability in [0, 1]")
         _check(self.distill.weight >= 0, "distill.weight", self.distill.weight, "a number >= 0")
         _check(self.distill.batch_size > 0, "distill.batch_size", self.distill.batch_size, "a positive number")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from broadface.data.transforms import EvalTransform
+from broadface.fileio import atomic_path, atomic_write_json
 from broadface.train.teacher import Teacher
 
 FORMAT = "broadface-teacher-cache"
@@ -54,19 +54,6 @@ class _TeacherView(Dataset):
         return self.transform(image(index - int(self.bounds[k]))[0])
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_cache(path: str | os.PathLike, teacher: Teacher, parts: list[Dataset], identity: dict[str, Any],
                 batch_size: int = 128, dtype: str = "float16") -> np.ndarray:
     """Embed every sample (plain and flipped) with ``teacher``; write ``path`` and its sidecar; return the memmap."""
@@ -87,9 +74,10 @@ def build_cache(path: str | os.PathLike, teacher: Teacher, parts: list[Dataset],
         out.flush()
         del out
 
-    _write_atomic(path, write)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     meta = {"format": FORMAT, "version": VERSION, **identity, "dtype": dtype, "shape": [n, 2, teacher.dim]}
-    _write_atomic(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_json(sidecar_path(path), meta)
     return open_cache(path, identity, dtype)
 
 

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from broadface.train.checkpoint import (FORMAT, VERSION, atomic_save, check_model_config, load_checkpoint,
-                                        model_config, publish, warm_start)
+from broadface.fileio import atomic_torch_save
+from broadface.train.checkpoint import (FORMAT, VERSION, check_model_config, load_checkpoint, model_config, publish,
+                                        warm_start)
 from broadface.train.config import Config, DataConfig, HeadConfig, load_config
 from broadface.train.distill import build_distiller, check_mask_prob
 from broadface.train.logs import Callback, IntervalMeter, TrainLogger
@@ -110,14 +111,21 @@ def build_datasets(cfg: DataConfig, input_size: int) -> tuple[Dataset, Dataset |
         if not cfg.root:
             raise ValueError(f"config data.root: data.name={cfg.name} needs the path of the training set "
                              "(an image folder ROOT/<identity>/*.jpg, or a RecordIO prefix / folder)")
+        from broadface.data.rotations import RotatedClasses
+
         kind = FaceFolder if cfg.name == "folder" else RecordIODataset
-        train = kind(cfg.root, train_tf, on_error=cfg.on_error)
-        return train, (FaceFolder(cfg.val_root, eval_tf, on_error=cfg.on_error) if cfg.val_root else None)
+        if cfg.rotations == 1:
+            train = kind(cfg.root, train_tf, on_error=cfg.on_error)
+            return train, (FaceFolder(cfg.val_root, eval_tf, on_error=cfg.on_error) if cfg.val_root else None)
+        train = RotatedClasses(kind(cfg.root, on_error=cfg.on_error), cfg.rotations, train_tf, cfg.on_error)
+        val = (RotatedClasses(FaceFolder(cfg.val_root, on_error=cfg.on_error), cfg.rotations, eval_tf, cfg.on_error)
+               if cfg.val_root else None)
+        return train, val
     from broadface.data import open_dataset
 
-    train = open_dataset(cfg.name, cfg.train_split, transform=train_tf, data_root=cfg.root, on_error=cfg.on_error)
-    val = (open_dataset(cfg.name, cfg.val_split, transform=eval_tf, data_root=cfg.root, on_error=cfg.on_error)
-           if cfg.val_split else None)
+    kw = dict(data_root=cfg.root, on_error=cfg.on_error, rotations=cfg.rotations)
+    train = open_dataset(cfg.name, cfg.train_split, transform=train_tf, **kw)
+    val = open_dataset(cfg.name, cfg.val_split, transform=eval_tf, **kw) if cfg.val_split else None
     return train, val
 
 
@@ -365,7 +373,7 @@ class Trainer:
 
     def _write_checkpoint(self, state: dict[str, Any], final: bool) -> Path:
         ckpt_dir = self.output / "checkpoints"
-        path = atomic_save(state, ckpt_dir / f"step_{self.step:07d}.pt")
+        path = atomic_torch_save(state, ckpt_dir / f"step_{self.step:07d}.pt")
         self.last_checkpoint = path
         keep = self.cfg.train.keep_checkpoints
         if keep:

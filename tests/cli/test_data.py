@@ -4,7 +4,7 @@ from broadface.cli.main import main
 from broadface.data import RecordIODataset, read_lfw_pairs, write_bin
 from broadface.data.binfile import lfw_bin_images
 
-from .conftest import NAMES
+from tests.helpers import NAMES
 
 
 def test_pack_and_info(small_folder, tmp_path, capsys):

@@ -6,14 +6,15 @@ import torch
 
 from broadface.cli.main import main
 from broadface.models import build_model, recalibrate_batchnorm
-from broadface.train.checkpoint import atomic_save, load_backbone
+from broadface.train.checkpoint import load_backbone
+from tests.helpers import save_backbone
 
 
 def make_checkpoint(path, name="tinycnn", size=28, **kwargs):
     torch.manual_seed(0)
     model = build_model(name, input_size=size, embedding_size=32, **kwargs)
     recalibrate_batchnorm(model, [torch.rand(8, 3, size, size) * 2 - 1])
-    atomic_save({"format": "broadface", "version": 1, "model": model.config, "backbone": model.state_dict()}, path)
+    save_backbone(model, path)
     return model
 
 

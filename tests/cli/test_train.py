@@ -20,7 +20,7 @@ def test_train_preset_end_to_end(tmp_path, capsys):
     assert "done: step 3" in out and f"checkpoint: {tmp_path / 'final.pt'}" in out
     ckpt = load_checkpoint(tmp_path / "final.pt")
     assert ckpt["step"] == 3 and ckpt["model"]["name"] == "tinycnn" and int(ckpt["head"]["queue.fill"]) == 16
-    assert ckpt["num_classes"] == 136  # Omniglot training alphabets
+    assert ckpt["num_classes"] == 964  # the full Omniglot background set
     # resume=auto on a finished run: nothing left to do, same checkpoint
     assert main(["train", OMNIGLOT, *SMALL, f"train.output={tmp_path}", "train.resume=auto", "--no-progress"]) == 0
 

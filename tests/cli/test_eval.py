@@ -5,7 +5,8 @@ import pytest
 from broadface.cli.main import main
 from broadface.eval.verification import evaluate_pairs, lfw_pair_set
 from broadface.models import build_model
-from broadface.train.checkpoint import atomic_save, load_backbone
+from broadface.train.checkpoint import load_backbone
+from tests.helpers import save_backbone
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("tinycnn", embedding_size=16, input_size=112, width=4, depth=2)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    atomic_save({"format": "broadface", "version": 1, "model": model.config, "backbone": model.state_dict()}, path)
+    save_backbone(model, path)
     return path
 
 

@@ -15,7 +15,7 @@ from broadface.cli.main import main
 from broadface.infer.embed import embed_tensors, load_images
 from broadface.models import build_model
 from broadface.paths import data_root
-from broadface.train.checkpoint import atomic_save
+from tests.helpers import save_backbone
 
 PEOPLE = {"Abdullah_Gul": 2, "Adrien_Brody": 2, "Al_Gore": 1}
 
@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model("iresnet", layers=[1, 1, 1, 1], base_width=8, embedding_size=32, input_size=56)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    atomic_save({"format": "broadface", "version": 1, "model": model.config, "backbone": model.state_dict()}, path)
+    save_backbone(model, path)
     return path
 
 

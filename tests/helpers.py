@@ -1,0 +1,158 @@
+"""Helpers shared across the test packages: real-data samples, tiny configs and checkpoints, an instant
+model, and a launcher for multi-process (gloo) tests. Fixtures built on them live in ``tests/conftest.py``."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch._dynamo  # noqa: F401  DDP and optimizers import it lazily (seconds): once here, before forking
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.preprocessing import normalize
+from torch import nn
+
+from broadface.data.folder import FaceFolder, list_classes, list_images
+from broadface.data.transforms import EvalTransform, FaceTransform
+from broadface.fileio import atomic_torch_save
+from broadface.infer.embed import read_rgb, to_input
+from broadface.paths import data_root
+from broadface.train.config import Config, apply_overrides
+
+# ----------------------------------------------------------------------------- real data
+
+NAMES = ["Abdullah_Gul", "Adrien_Brody", "Al_Gore"]  # LFW identities with >= 3 images each
+
+
+def copy_identities(lfw_dir: Path, dst: Path, names: list[str], per_class: int = 3) -> Path:
+    """``dst/<name>/<file>`` with the first ``per_class`` real images of each LFW identity."""
+    for name in names:
+        (dst / name).mkdir(parents=True)
+        for f in sorted((lfw_dir / name).iterdir())[:per_class]:
+            shutil.copy(f, dst / name / f.name)
+    return dst
+
+
+def celeba_faces(first: int, ids: int, per_id: int, flip: bool, size: int = 28) -> FaceFolder:
+    """``ids`` CelebA identities with at least ``per_id`` images (from the ``first``-th, numeric order),
+    ``per_id`` images each."""
+    root = data_root() / "celeba299" / "aligned-112x112"
+    files = {c: list_images(root / c) for c in sorted(list_classes(root), key=int)[first:first + 4 * ids]}
+    classes = [c for c, f in files.items() if len(f) >= per_id][:ids]
+    samples = [(str(root / c / f), i) for i, c in enumerate(classes) for f in files[c][:per_id]]
+    tf = FaceTransform(size=size, flip_p=0.5) if flip else EvalTransform(size=size)
+    return FaceFolder.from_samples(samples, classes, transform=tf)
+
+
+# ----------------------------------------------------------------------------- configs and checkpoints
+
+TINY = ["model.name=tinycnn", "model.embedding_size=16", "model.input_size=28", "model.kwargs={width: 16}",
+        "head.scale=16.0", "head.margin=0.2", "optim.lr=0.05", "train.batch_size=8", "train.steps=6",
+        "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.tensorboard=false",
+        "data.val_split=null"]
+
+
+def tiny_config(output: Path | str | None, *overrides: str) -> Config:
+    """A tinycnn :class:`Config` that trains in seconds (``output=None``: write nothing)."""
+    out = "null" if output is None else str(output)
+    return apply_overrides(Config(), [*TINY, f"train.output={out}", *overrides])
+
+
+def save_backbone(model: nn.Module, path: Path | str, **extra: Any) -> Path:
+    """A minimal broadface checkpoint holding ``model`` (built by ``build_model``) as its backbone."""
+    return atomic_torch_save({"format": "broadface", "version": 1, "model": model.config,
+                              "backbone": model.state_dict(), **extra}, path)
+
+
+# ----------------------------------------------------------------------------- an instant model
+
+
+class PixelNet(nn.Module):
+    """8x8 average-pooled, mean-centred pixels (192-d): weak but real face features, no training."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"name": "pixelnet", "input_size": 112}
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        f = nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        return (f - f.mean(1, keepdim=True)) * self.scale
+
+
+def reference_features(model, images: list[np.ndarray], flip: bool = True) -> np.ndarray:
+    """insightface's test(): raw outputs of image and flipped image, summed in float64 (not normalised)."""
+    x = torch.stack([to_input(im, 112) for im in images])
+    with torch.no_grad():
+        out = model(x).double().numpy()
+        if flip:
+            out = out + model(torch.flip(x, dims=[3])).double().numpy()
+    return out
+
+
+def reference_embeddings(model, paths, flip: bool = True) -> np.ndarray:
+    return normalize(reference_features(model, [read_rgb(p) for p in paths], flip))
+
+
+# ----------------------------------------------------------------------------- multi-process tests
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world: int, init: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    if init == "file":  # the test's tmp dir holds the rendezvous file
+        path = Path(args[0]) / "rendezvous"
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=30))
+    try:
+        fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, tmp: Path, *args: Any, init: str = "file", timeout: float = 90.0,
+          start_method: str | None = None) -> None:
+    """``fn(rank, world, tmp, *args)`` in ``world`` processes; with ``init="file"`` the default gloo
+    group is initialised (and destroyed) around it, with ``init="none"`` fn does it itself.
+    Raises if a process fails and kills them all after ``timeout`` seconds.
+
+    The start method defaults to ``fork`` where available: a spawned child re-imports torch,
+    which takes seconds on a loaded machine (PyTorch resets its thread pools in forked children).
+    ``BROADFACE_TEST_START_METHOD=spawn`` runs the same tests with fresh interpreters."""
+    start_method = start_method or os.environ.get("BROADFACE_TEST_START_METHOD") or (
+        "fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.start_processes(_entry, args=(fn, world, init, (Path(tmp), *args)), nprocs=world, join=False,
+                             start_method=start_method)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish within {timeout}s")
+
+
+def env_for(rank: int, world: int, port: int) -> dict[str, str]:
+    """torchrun's variables for one process on this machine."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def rendezvous(tmp: Path, rank: int, world: int, name: str = "ready", timeout: float = 60.0) -> None:
+    """Wait until every rank has reached this point (files), so later timeouts start together."""
+    Path(tmp, f"{name}.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all(Path(tmp, f"{name}.{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks never reached {name!r}")
+        time.sleep(0.01)
