@@ -21,7 +21,8 @@ from torch import nn
 from broadface.data.folder import FaceFolder, list_classes, list_images
 from broadface.data.transforms import EvalTransform, FaceTransform
 from broadface.fileio import atomic_torch_save
-from broadface.infer.embed import read_rgb, to_input
+from broadface.data.images import read_rgb
+from broadface.data.transforms import to_input
 from broadface.paths import data_root
 from broadface.train.config import Config, apply_overrides
 

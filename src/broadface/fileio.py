@@ -101,7 +101,7 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)``: an untrusted file can hold data, never code.
 
-    Errors name the file and never suggest ``weights_only=False`` (the unsafe way out)."""
+    Errors name the file and never repeat torch's advice to retry with ``weights_only=False``."""
     import torch
 
     path = Path(path)
@@ -111,11 +111,23 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"{path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt, truncated, or holds objects outside the allow-list
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            first = "it holds Python objects other than tensors and plain containers, which are never unpickled"
-        raise ValueError(f"{path}: not a loadable torch file ({first})") from None
+    except Exception as err:  # corrupt, truncated, another format, or objects outside the allow-list
+        raise ValueError(f"{path}: not a loadable torch file ({_load_reason(err)})") from None
+
+
+def _load_reason(err: Exception) -> str:
+    """One line saying why ``torch.load`` refused a file, without torch's advice to unpickle it anyway."""
+    text = str(err)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it holds a Python object ({m.group(1)}) other than tensors and plain containers; never unpickled"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or corrupt: not a complete torch zip archive"
+    m = re.search(r"WeightsUnpickler error: (?:\s*)([^\n]+)", text)
+    if m and m.group(1).strip():
+        return f"not a torch file, or a corrupt one ({m.group(1).strip()})"
+    lines = [x for x in text.strip().splitlines() if "weights_only" not in x]
+    return lines[0] if lines else type(err).__name__
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -5,7 +5,7 @@ import pytest
 from broadface.cli.main import main
 from broadface.eval.verification import evaluate_pairs, lfw_pair_set
 from broadface.models import build_model
-from broadface.train.checkpoint import load_backbone
+from broadface.models.checkpoint import load_backbone
 from tests.helpers import save_backbone
 
 

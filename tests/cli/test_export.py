@@ -6,7 +6,7 @@ import torch
 
 from broadface.cli.main import main
 from broadface.models import build_model, recalibrate_batchnorm
-from broadface.train.checkpoint import load_backbone
+from broadface.models.checkpoint import load_backbone
 from tests.helpers import save_backbone
 
 

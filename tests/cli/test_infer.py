@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from broadface.cli.main import main
-from broadface.infer.embed import embed_tensors, load_images
+from broadface.data.transforms import load_images
+from broadface.models.embed import embed_tensors
 from broadface.models import build_model
 from broadface.paths import data_root
 from tests.helpers import save_backbone
@@ -39,7 +40,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(ckpt: Path) -> torch.nn.Module:
-    from broadface.train.checkpoint import load_backbone
+    from broadface.models.checkpoint import load_backbone
 
     return load_backbone(ckpt)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from broadface.cli.main import main
-from broadface.train.checkpoint import load_checkpoint
+from broadface.models.checkpoint import load_checkpoint
 from broadface.train.config import load_config
 
 OMNIGLOT = str(Path(__file__).resolve().parents[2] / "configs" / "omniglot_tinycnn.yaml")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from broadface.eval.templates import evaluate_templates, read_ijb_meta, template_features
-from broadface.infer.embed import read_rgb
+from broadface.data.images import read_rgb
 from tests.helpers import reference_features
 from tests.metrics.reference import insightface_tar_at_far, insightface_templates
 

@@ -58,7 +58,7 @@ def test_mask_hook_alters_second_images_only(lfw, pixelnet):
         return out
 
     r = evaluate_pairs(pixelnet, sub, folds=3, image_hook=black_lower_half)
-    from broadface.infer.embed import read_rgb
+    from broadface.data.images import read_rgb
     from sklearn.preprocessing import normalize
 
     left = reference_embeddings(pixelnet, [sub.sources[i] for i in sub.left])

@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from broadface.infer.embed import embed_dataset, embed_tensors, load_images, read_rgb, to_input
+from broadface.data.images import read_rgb
+from broadface.data.transforms import load_images, to_input
+from broadface.models.embed import embed_dataset, embed_tensors
 from broadface.paths import data_root
 
 

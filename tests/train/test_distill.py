@@ -13,7 +13,7 @@ from broadface.data.folder import FaceFolder
 from broadface.data.seeding import generator_for
 from broadface.data.transforms import EvalTransform, FaceTransform
 from broadface.models import build_model
-from broadface.train.checkpoint import load_checkpoint
+from broadface.models.checkpoint import load_checkpoint
 from broadface.train.distill import Distiller, distill_loss
 from broadface.train.distill_data import DistillDataset, fingerprint
 from broadface.train.teacher import load_teacher, module_teacher, onnx_teacher

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from broadface.fileio import atomic_torch_save
-from broadface.train.checkpoint import load_checkpoint
+from broadface.models.checkpoint import load_checkpoint
 from broadface.train.trainer import Trainer
 from tests.helpers import free_port, spawn
 from tests.helpers import tiny_config as make_config

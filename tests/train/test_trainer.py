@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from broadface.train.checkpoint import load_backbone, load_checkpoint
+from broadface.models.checkpoint import load_backbone, load_checkpoint
 from broadface.train.trainer import Trainer, TrainingDiverged, train
 
 

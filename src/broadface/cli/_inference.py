@@ -39,7 +39,7 @@ def load_model(args: argparse.Namespace) -> tuple["torch.nn.Module", int]:
     """The checkpoint's backbone on ``args.device`` and its square input size."""
     import torch
 
-    from broadface.train.checkpoint import load_backbone
+    from broadface.models.checkpoint import load_backbone
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -82,7 +82,8 @@ class _PathDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple["torch.Tensor", int]:
-        from broadface.infer.embed import read_rgb, to_input
+        from broadface.data.images import read_rgb
+        from broadface.data.transforms import to_input
 
         if self.detector is None:
             image = read_rgb(self.paths[i])
@@ -115,7 +116,7 @@ def embed_paths(model: "torch.nn.Module", paths: Sequence[Path], input_size: int
 
     Prints a warning naming the files for which ``--align`` found no face (centre crop used).
     """
-    from broadface.infer.embed import embed_dataset
+    from broadface.models.embed import embed_dataset
 
     data = _PathDataset(paths, input_size, detector)
     emb = embed_dataset(model, data, batch_size=args.batch_size, flip=args.flip, num_workers=workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from broadface.data.images import write_image
 from broadface.fileio import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -49,20 +50,6 @@ def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path, str]]:
     return [(src, out, src.name)]
 
 
-def write_image_atomic(rgb, path: Path, quality: int = 95) -> None:
-    """Save an RGB uint8 array to ``path`` atomically (format from the suffix)."""
-    import io
-
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unsupported image suffix {path.suffix!r}")
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def run(args: argparse.Namespace) -> int:
     from broadface.cli.main import CLIError
     from broadface.infer.align import DetectorUnavailable, FaceDetector, NoFaceFound, align_face
@@ -80,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     for inp, out, rel in jobs:
         try:
             face = align_face(inp, args.size, args.fallback, detector, args.center_fraction)
-            write_image_atomic(face.image, out, args.quality)
+            write_image(face.image, out, args.quality)
         except NoFaceFound:
             counts["skipped"] += 1
             rows.append((rel, None))

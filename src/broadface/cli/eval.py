@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from broadface import eval as ev
-    from broadface.train.checkpoint import load_backbone
+    from broadface.models.checkpoint import load_backbone
 
     try:
         device = torch.device(args.device)

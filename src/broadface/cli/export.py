@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from broadface.infer.export import check_onnx_parity, export_onnx
     from broadface.models import count_parameters
-    from broadface.train.checkpoint import load_backbone
+    from broadface.models.checkpoint import load_backbone
 
     if args.parity_n < 0:
         raise ValueError(f"--parity-n must be >= 0, got {args.parity_n}")
@@ -63,7 +63,7 @@ def run_from_insightface(args: argparse.Namespace) -> int:
     from broadface.fileio import atomic_torch_save
     from broadface.models import count_parameters
     from broadface.models.insightface import load_insightface
-    from broadface.train.checkpoint import FORMAT, VERSION
+    from broadface.models.checkpoint import FORMAT, VERSION
 
     model = load_insightface(args.weights, input_size=args.input_size)
     atomic_torch_save({"format": FORMAT, "version": VERSION, "model": model.config, "backbone": model.state_dict()},

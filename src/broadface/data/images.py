@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image
+
+from broadface.fileio import atomic_write_bytes
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".pgm", ".bmp")
 
@@ -48,3 +51,23 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
+
+def read_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+    """Decode an image file (or encoded bytes) to H x W x 3 uint8 RGB.
+
+    Missing file -> FileNotFoundError; undecodable -> ValueError naming ``name``/the path.
+    """
+    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"image {os.fspath(source)} does not exist")
+    return np.asarray(decode_image(source, name))
+
+
+def write_image(rgb: np.ndarray, path: str | os.PathLike, quality: int = 95) -> Path:
+    """Save an RGB uint8 array to ``path`` atomically (format from the suffix)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported image suffix {path.suffix!r}")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    return atomic_write_bytes(path, buf.getvalue())

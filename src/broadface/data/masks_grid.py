@@ -34,7 +34,7 @@ def render_grid(paths: list[Path], seed: int = 0, cols: int = 8, scale: int = 2,
     import cv2
 
     from broadface.data.masks import apply_mask
-    from broadface.infer.embed import read_rgb
+    from broadface.data.images import read_rgb
 
     tiles = []
     for i, p in enumerate(paths):
@@ -77,7 +77,7 @@ def add_masks_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def masks_command(args: argparse.Namespace) -> int:
-    from broadface.cli.align import write_image_atomic
+    from broadface.data.images import write_image
     from broadface.paths import data_root
 
     if not 1 <= args.n <= 1000:
@@ -90,6 +90,6 @@ def masks_command(args: argparse.Namespace) -> int:
     paths = sample_faces(faces, args.n, np.random.default_rng(args.seed))
     sheet = render_grid(paths, args.seed, args.cols, args.scale, args.style, args.with_original)
     out = Path(args.grid)
-    write_image_atomic(sheet, out)
+    write_image(sheet, out)
     print(f"wrote {out}: {len(paths)} masked faces ({sheet.shape[1]}x{sheet.shape[0]} px) from {faces}")
     return 0

@@ -8,12 +8,16 @@ resume point (see :mod:`broadface.data.loader`); without one it falls back to to
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+
+from broadface.data.images import read_rgb
 
 Size = Union[int, tuple[int, int], None]
 
@@ -134,3 +138,37 @@ class EvalTransform(FaceTransform):
         if self.flip_p != 0.0:
             raise ValueError("EvalTransform never flips; use TrainTransform or flip() for test-time augmentation")
         super().__post_init__()
+
+
+def _size_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        return input_size, input_size
+    h, w = (int(v) for v in input_size)
+    return h, w
+
+
+def to_input(image: np.ndarray, input_size: int | Sequence[int] | None = None) -> Tensor:
+    """H x W x 3 uint8 RGB array -> 3 x H x W float tensor in [-1, 1] (resized if needed).
+
+    Computed as insightface does, ``(x / 255 - 0.5) / 0.5`` (same values as
+    ``broadface.data.transforms.normalize`` up to float rounding).
+    """
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 RGB image, got shape {image.shape}")
+    if input_size is not None:
+        h, w = _size_hw(input_size)
+        if image.shape[:2] != (h, w):
+            import cv2
+
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    x = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def load_images(paths: Sequence[str | os.PathLike], input_size: int | Sequence[int] = 112) -> Tensor:
+    """Read image files into an N x 3 x H x W batch normalised to [-1, 1] (resized to ``input_size``)."""
+    if len(paths) == 0:
+        raise ValueError("load_images: no paths given")
+    return torch.stack([to_input(read_rgb(p), input_size) for p in paths])

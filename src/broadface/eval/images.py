@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from broadface.infer.embed import read_rgb, to_input
+from broadface.data.images import read_rgb
+from broadface.data.transforms import to_input
 
 ImageHook = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from broadface.infer.embed import embed_dataset
+from broadface.models.embed import embed_dataset
 from broadface.metrics import map_at_r, recall_at_k
 from broadface.metrics.search import Backend
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from broadface.eval.images import EvalImages
 from broadface.eval.verification import model_input_size
-from broadface.infer.embed import embed_dataset
+from broadface.models.embed import embed_dataset
 from broadface.metrics import DEFAULT_FARS, roc, tar_at_far
 
 __all__ = ["IJBMeta", "read_ijb_meta", "template_features", "template_scores", "evaluate_templates"]

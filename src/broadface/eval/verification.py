@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from broadface.eval.images import EvalImages, ImageHook
-from broadface.infer.embed import embed_dataset
+from broadface.models.embed import embed_dataset
 from broadface.metrics import kfold_accuracy
 
 __all__ = ["PairSet", "lfw_pair_set", "bin_pair_set", "evaluate_pairs", "model_input_size"]

@@ -97,7 +97,7 @@ def pair_protocol(labels: np.ndarray, folds: int = 10, same: int = 300, diff: in
 @torch.no_grad()
 def embed(model: nn.Module, images: Tensor, batch_size: int = 512) -> np.ndarray:
     """L2-normalised embeddings (eval mode, no flip: handwriting is not mirror-symmetric)."""
-    from broadface.infer.embed import embed_tensors
+    from broadface.models.embed import embed_tensors
 
     chunks = [embed_tensors(model, images[i:i + batch_size], flip=False) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks).cpu().numpy()

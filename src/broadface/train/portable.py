@@ -97,7 +97,7 @@ def load_head_state(head: nn.Module, state: dict[str, Any]) -> None:
 def warm_start_head(path: str | os.PathLike, head: nn.Module, map_location: torch.device | str = "cpu") -> None:
     """``train.init`` for a sharded head: this rank's rows of the checkpoint's classifier (fresh queue)."""
     from broadface.dist import full_state_from_broadface
-    from broadface.train.checkpoint import load_checkpoint
+    from broadface.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location)
     weight = (ckpt.get("head") or {}).get("margin.weight")

@@ -117,7 +117,7 @@ def onnx_teacher(path: str | os.PathLike, fallback_size: int) -> Teacher:
 
 def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu", fallback_size: int = 112) -> Teacher:
     """``*.onnx`` -> :func:`onnx_teacher`; anything else is read as a broadface checkpoint (weights only)."""
-    from broadface.train.checkpoint import load_backbone
+    from broadface.models.checkpoint import load_backbone
 
     path = Path(path)
     if not path.is_file():

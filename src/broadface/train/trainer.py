@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from broadface.fileio import atomic_torch_save
-from broadface.train.checkpoint import (FORMAT, VERSION, check_model_config, load_checkpoint, model_config, publish,
-                                        warm_start)
+from broadface.models.checkpoint import FORMAT, VERSION, check_model_config, load_checkpoint, model_config
+from broadface.train.checkpoint import publish, warm_start
 from broadface.train.config import Config, DataConfig, HeadConfig, load_config
 from broadface.train.distill import build_distiller, check_mask_prob
 from broadface.train.logs import Callback, IntervalMeter, TrainLogger
@@ -281,7 +281,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Recall@K of the held-out identities (every image queries all others)."""
-        from broadface.infer.embed import embed_dataset
+        from broadface.models.embed import embed_dataset
         from broadface.metrics import recall_at_k
 
         t = self.cfg.train

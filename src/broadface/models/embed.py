@@ -1,4 +1,6 @@
-"""Embedding extraction shared by validation, evaluation, the demo and the CLIs.
+"""Running an embedding model: a batch or a whole dataset to (L2-normalised) embeddings.
+
+Shared by validation during training, every evaluation, the demo and the CLIs.
 
 Convention (insightface): images are RGB, normalised as ``(x / 255 - 0.5) / 0.5``;
 with ``flip=True`` the embedding is ``f(x) + f(flip_h(x))`` (summed, not
@@ -9,15 +11,14 @@ every sub-module back into the train/eval mode it had before.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["embed_tensors", "embed_dataset", "load_images", "read_rgb", "to_input", "eval_mode"]
+__all__ = ["embed_tensors", "embed_dataset", "eval_mode"]
 
 
 @contextmanager
@@ -101,49 +102,3 @@ def embed_dataset(model: nn.Module, dataset: torch.utils.data.Dataset, batch_siz
         raise ValueError("dataset is empty: nothing to embed")
     out = np.concatenate(chunks)
     return (out, np.concatenate(labels)) if return_labels else out
-
-
-def _size_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return input_size, input_size
-    h, w = (int(v) for v in input_size)
-    return h, w
-
-
-def to_input(image: np.ndarray, input_size: int | Sequence[int] | None = None) -> Tensor:
-    """H x W x 3 uint8 RGB array -> 3 x H x W float tensor in [-1, 1] (resized if needed).
-
-    Computed as insightface does, ``(x / 255 - 0.5) / 0.5`` (same values as
-    ``broadface.data.transforms.normalize`` up to float rounding).
-    """
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 RGB image, got shape {image.shape}")
-    if input_size is not None:
-        h, w = _size_hw(input_size)
-        if image.shape[:2] != (h, w):
-            import cv2
-
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    x = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def read_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
-    """Decode an image file (or encoded bytes) to H x W x 3 uint8 RGB.
-
-    Missing file -> FileNotFoundError; undecodable -> ValueError naming ``name``/the path.
-    """
-    from broadface.data.images import decode_image
-
-    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
-        raise FileNotFoundError(f"image {os.fspath(source)} does not exist")
-    return np.asarray(decode_image(source, name))
-
-
-def load_images(paths: Sequence[str | os.PathLike], input_size: int | Sequence[int] = 112) -> Tensor:
-    """Read image files into an N x 3 x H x W batch normalised to [-1, 1] (resized to ``input_size``)."""
-    if len(paths) == 0:
-        raise ValueError("load_images: no paths given")
-    return torch.stack([to_input(read_rgb(p), input_size) for p in paths])

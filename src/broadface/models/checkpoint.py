@@ -1,0 +1,67 @@
+"""The broadface checkpoint format, as far as a backbone is concerned: read one safely, rebuild its model.
+
+A checkpoint is a plain dict of tensors and Python scalars/strings/lists/dicts:
+
+    {"format": "broadface", "version": 1,
+     "model": {"name": "iresnet50", "embedding_size": 512, ...},   # kwargs of models.build_model
+     "backbone": state_dict, "head": state_dict,                     # head holds W and the queue
+     ... trainer state (optimizer, scheduler, scaler, rng, data position, step, config)}
+
+Reads use ``torch.load(weights_only=True)`` (:func:`broadface.fileio.load_torch`); writes are
+atomic (:func:`broadface.fileio.atomic_torch_save`). The training state is the trainer's
+(:mod:`broadface.train.checkpoint`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from broadface.fileio import load_torch
+
+FORMAT = "broadface"
+VERSION = 1
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a broadface checkpoint safely; raise ValueError naming the file if it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory, expected a .pt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = load_torch(path, map_location)  # weights_only=True: data, never code
+    except ValueError as err:
+        raise ValueError(str(err).replace("not a loadable torch file", "not a loadable checkpoint", 1)) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a broadface checkpoint (missing format='{FORMAT}')")
+    if int(ckpt.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this broadface ({VERSION})")
+    return ckpt
+
+
+def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the backbone stored in a checkpoint, in eval mode, ready for embedding."""
+    from broadface.models import build_model
+
+    ckpt = load_checkpoint(path, map_location)
+    if "model" not in ckpt or "backbone" not in ckpt:
+        raise ValueError(f"{path}: checkpoint holds no backbone (keys: {sorted(ckpt)})")
+    model = build_model(**ckpt["model"])
+    model.load_state_dict(ckpt["backbone"])
+    return model.eval()
+
+
+def model_config(model: torch.nn.Module) -> dict | None:
+    """The model's ``build_model`` kwargs (``model.config``), or None for a model built elsewhere."""
+    config = getattr(model, "config", None)
+    return dict(config) if isinstance(config, dict) else None
+
+
+def check_model_config(ckpt: dict, model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """ValueError naming ``path`` when the checkpoint was written for another architecture."""
+    ours = model_config(model)
+    if ckpt.get("model") is not None and ours is not None and dict(ckpt["model"]) != ours:
+        raise ValueError(f"{path}: checkpoint model {ckpt['model']} differs from this run's model {ours}")
