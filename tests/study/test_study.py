@@ -1,64 +1,85 @@
-"""Smoke test of the reproduction study's machinery (bench/study.py) on the real Omniglot zips."""
+"""The study's machinery (bench/study.py) in micro form on the real Omniglot zips."""
 from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 
-from broadface.paths import data_root
 from broadface.study import markdown, report
-from broadface.study.data import pair_protocol
-from broadface.study.runs import StudyConfig, arm_run, arms, warm_start_run
+from broadface.study.data import MemorySet, class_subset
+from broadface.study.plan import StudyConfig, plan
+from broadface.study.runs import RunSpec, run
 
 
-
-def _has_omniglot() -> bool:
-    try:
-        return (data_root() / "omniglot").is_dir()
-    except FileNotFoundError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _has_omniglot(), reason="needs the shared Omniglot data")
-
-
-def test_pair_protocol_is_deterministic_and_class_disjoint():
-    labels = np.repeat(np.arange(106), 20)
-    p = pair_protocol(labels)
-    assert len(p) == 6000 and p.issame.sum() == 3000
-    again = pair_protocol(labels)
-    assert np.array_equal(p.first, again.first) and np.array_equal(p.second, again.second)
-    fold_classes = [set(labels[p.first[k * 600:(k + 1) * 600]]) | set(labels[p.second[k * 600:(k + 1) * 600]])
-                    for k in range(10)]
-    assert all(not (a & b) for i, a in enumerate(fold_classes) for b in fold_classes[i + 1:])
-    for k in range(10):  # 300 same then 300 different, no pair twice
-        s = slice(k * 600, (k + 1) * 600)
-        assert p.issame[s][:300].all() and not p.issame[s][300:].any()
-        assert len(set(zip(p.first[s], p.second[s]))) == 600
-    assert np.array_equal(labels[p.first] == labels[p.second], p.issame)
+def test_plan_pairs_every_arm_with_a_queue_zero_arm_of_the_same_seed():
+    specs = plan(StudyConfig())
+    assert len({s.key() for s in specs}) == len(specs)  # no run twice
+    sweep = [s for s in specs if s.part == "sweep"]
+    assert {(s.queue, s.compensate) for s in sweep} == {(0, True)} | {
+        (q, c) for q in (1024, 4096, 8192, 16384, 32768) for c in (True, False)}
+    assert {s.seed for s in specs} == {0, 1, 2}
+    by_pair = {}
+    for s in specs:
+        by_pair.setdefault(s.pair_key(), []).append(s)
+    for arms in by_pair.values():  # each pair key: one queue-0 arm and arms that differ only in the queue
+        assert sum(a.queue == 0 for a in arms) == 1
+        assert len({(a.seed, a.batch, a.classes, a.rotations, a.lr, a.steps, a.warm_steps) for a in arms}) == 1
+    regime = {(s.classes, s.rotations, s.batch) for s in specs if s.part == "regime"}
+    assert regime == {(c, r, b) for c, r in ((136, 1), (482, 1), (None, 1), (None, 4)) for b in (32, 128, 512)}
+    warm = [s for s in specs if s.part == "warm"]
+    assert warm and all(s.warm() == warm[0].warm() for s in warm if s.seed == warm[0].seed)
 
 
-@needs_data
-def test_tiny_study_end_to_end(tmp_path):
-    torch.manual_seed(0)
-    sc = StudyConfig(seeds=[0], queues=[0, 96], width=8, embedding_size=16, batch_size=32, warm_steps=3,
-                     steps=5, eval_every=2, error_steps=[5], error_stride=1)
-    assert arms(sc) == [(0, True), (96, True), (96, False)]
-    warm = warm_start_run(sc, 0, str(tmp_path / "warm.pt"))
-    runs = [warm] + [arm_run(sc, 0, q, c, str(tmp_path / "warm.pt")) for q, c in arms(sc)]
-    base, comp, plain = runs[1:]
-    assert base["fill"] == 0 and comp["fill"] == 96 and comp["first_full_step"] == 4
-    assert [s for s, _ in comp["curve"]] == [0, 2, 4, 5] == [s for s, _ in base["curve"]]
+def test_class_subset_keeps_every_kth_class_with_all_its_images():
+    labels = torch.arange(10).repeat_interleave(3)
+    data = MemorySet(torch.arange(30.0)[:, None], labels, [f"c{i}" for i in range(10)])
+    sub = class_subset(data, 4)  # k = 10 // 4 = 2: classes 0, 2, 4, 6
+    assert sub.classes == ["c0", "c2", "c4", "c6"] and sub.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert sub.images[:, 0].tolist() == [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20]
+    assert class_subset(data, None) is data
+    with pytest.raises(ValueError, match="num_classes"):
+        class_subset(data, 11)
+
+
+def test_expected_classes_per_batch_matches_sampling():
+    counts = np.full(50, 20)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(50), 20)
+    sampled = np.mean([len(np.unique(rng.choice(labels, 32, replace=False))) for _ in range(4000)])
+    assert report.expected_classes_per_batch(counts, 32) == pytest.approx(sampled, abs=0.1)
+    assert report.expected_classes_per_batch(counts, 1) == pytest.approx(1.0)
+
+
+def test_micro_study_end_to_end(tmp_path, root):
+    """Two paired arms and a warm start on the real data, then the report renders from the JSON alone."""
+    base = RunSpec(part="sweep", seed=0, classes=40, batch=16, steps=6, width=8, dim=16, eval_every=3,
+                   error_steps=(6,), error_stride=1)
+    arms = [replace(base, eval_every=0, error_steps=()), replace(base, queue=64),
+            replace(base, queue=64, compensate=False, eval_every=0, error_steps=())]
+    runs = [run(s) for s in arms]
+    plain, comp, nocomp = runs
+    assert plain["fill"] == 0 and comp["fill"] == 64 and comp["num_classes"] == 40
     err = comp["errors"][0]
-    assert err["step"] == 5 and len(err["age"]) == 96 == len(err["compensated"]) == len(err["uncompensated"])
-    assert sorted(set(err["age"])) == [0, 1, 2]  # 3 enqueue steps of 32 in a queue of 96
-    assert not plain["errors"]
-    for r in runs:
-        assert 0 <= r["recall@1"] <= 1 and 0.4 <= r["pair_acc"] <= 1
-    data = {"command": "test", "config": sc.__dict__, "machine": markdown.machine(), "started": "now",
-            "runs": runs, "complete": True, "wall_s": 1.0}
-    figures = report.plots(data, tmp_path / "study")
-    assert {p.name for p in figures} == {"sweep.png", "curves.png", "compensation_error.png"}
-    markdown.write(data, tmp_path / "RESULTS.md", tmp_path / "notes.md", figures)
+    assert err["step"] == 6 and len(err["age"]) == 64 == len(err["compensated"]) == len(err["uncompensated"])
+    assert sorted(set(err["age"])) == [0, 1, 2, 3]  # 4 enqueue steps of 16 in a queue of 64
+    assert [s for s, _ in comp["curve"]] == [0, 3, 6]
+    assert not nocomp["errors"] and not nocomp["curve"]
+    # paired: same seed, initialisation and first batch, and an empty queue at step 1 -> the same first loss
+    assert plain["losses"][0][0] == comp["losses"][0][0] == 1
+    assert comp["losses"][0][1] == pytest.approx(plain["losses"][0][1], rel=1e-6)
+    g = report.gain(runs, "sweep", report._base_key(arms[1]), 64, True)
+    assert g.n == 1 and g.mean == pytest.approx(comp["recall@1"] - plain["recall@1"])
+    warm_spec = replace(base, part="warm", queue=64, warm_steps=3, eval_every=0, error_steps=())
+    warm_path = tmp_path / "warm.pt"
+    run(warm_spec.warm(), save=str(warm_path))
+    warm_arm = run(warm_spec, init=str(warm_path))
+    assert warm_arm["fill"] == 64
+    data = {"command": "test", "config": asdict(StudyConfig()),
+            "machine": markdown.machine(), "runs": runs + [warm_arm], "step_times": [], "memory": []}
+    markdown.render(json.loads(json.dumps(data)), tmp_path / "study", tmp_path / "RESULTS.md")
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "BroadFace 96, no compensation" in text and "nproc" in text
+    assert "BroadFace 64, no compensation" in text and "(n=1)" in text
+    assert (tmp_path / "study" / "sweep.png").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Render docs/RESULTS.md from runs.json (tables, plots, machine, commands, wall times) + docs/study_notes.md."""
+"""Render docs/RESULTS.md and docs/study/*.png from the study's runs.json (no number is typed in here)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from broadface.fileio import atomic_write_text
 from broadface.study import report
-from broadface.study.runs import arms, fill_steps
+from broadface.study.runs import RunSpec
 
 
 def machine() -> dict[str, Any]:
@@ -17,132 +18,167 @@ def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "load_avg": os.getloadavg()}
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
-def _machine_line(m: dict[str, Any], when: str = "") -> str:
-    load = ", ".join(f"{x:.1f}" for x in m["load_avg"])
-    return (f"machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, torch {m['torch']}, Python {m['python']}; "
-            f"load average {load}{when}")
+def _arm(q: int, c: bool) -> str:
+    return "ArcFace (queue 0)" if q == 0 else f"BroadFace {q}" + ("" if c else ", no compensation")
 
 
-def _plan(d: dict[str, Any]) -> str:
-    c = d["config"]
-    from broadface.study.runs import StudyConfig
-
-    sc = StudyConfig(**c)
-    fills = ", ".join(f"{q}: step {s}" for q, s in fill_steps(sc).items())
-    n_arms = len(arms(sc))
-    return (f"- Data: Omniglot (the real zips in the data root). Train on the 136 characters of the 5 background "
-            f"alphabets (2,720 images), evaluate on the 106 characters of 3 other alphabets (2,120 images), "
-            f"{c['input_size']}×{c['input_size']}, no flip.\n"
-            f"- Model: `tinycnn` width {c['width']}, D = {c['embedding_size']}; ArcFace s = {c['scale']:g}, "
-            f"m = {c['margin']:g}; SGD momentum 0.9, weight decay {c['weight_decay']:g}; "
-            f"{c['threads']} torch thread per run.\n"
-            f"- Warm start (one per seed, shared by every arm of that seed): ArcFace from scratch, "
-            f"{c['warm_steps']} steps × "
-            f"batch {c['batch_size']}, lr {c['warm_lr']:g} (30-step warm-up, then constant).\n"
-            f"- Every arm: {c['steps']} fine-tuning steps × batch {c['batch_size']} from that warm start, "
-            f"lr {c['lr']:g}, × 0.1 at "
-            f"step {int(c['lr_drop_at'] * c['steps'])}, same seed ⇒ same data order; only the queue size and the "
-            f"compensation differ. {n_arms} arms × {len(c['seeds'])} seeds (seeds {c['seeds']}) = "
-            f"{n_arms * len(c['seeds'])} fine-tuning runs + {len(c['seeds'])} warm starts.\n"
-            f"- Queue fill: {c['batch_size']} entries are pushed after each step, so the classifier sees a full "
-            f"queue from — {fills}. "
-            f"The training set has 2,720 images, so a queue larger than that holds several entries of the same image "
-            f"(of different ages).\n"
-            f"- Evaluation: Recall@K, every test image querying the other 2,119 (cosine); pair verification on "
-            f"10 class-disjoint folds × (300 same + 300 different) pairs drawn with a fixed seed from the test "
-            f"characters, accuracy by `broadface.metrics.kfold_accuracy` (threshold chosen on 9 folds, applied to the "
-            f"10th). Learning curves: Recall@1 every {c['eval_every']} steps for queue 0 and the largest queue.\n"
-            f"- Compensation error: in the largest compensated arm, at steps {c['error_steps']}, the entries of every "
-            f"{c['error_stride']}th enqueue step are re-embedded by the current encoder (as the same mini-batch, in "
-            f"train mode, on a copy of the encoder) and compared with e* and e⁻ (full-storage queue with sample "
-            f"ids).")
+def arm_table(data: dict, part: str) -> str:
+    """One row per arm of a part: Recall@1/8 over seeds, paired gain, cost."""
+    runs = data["runs"]
+    rows = ["| arm | seeds | Recall@1 | Recall@8 | paired Δ Recall@1, points | step time vs queue 0 | step MB |",
+            "|---|---:|---|---|---|---:|---:|"]
+    for (g, q, c), by_seed in sorted(report.arms(runs, part).items(), key=lambda kv: (kv[0][1], not kv[0][2])):
+        r0 = next(iter(by_seed.values()))
+        s = RunSpec.from_dict(r0["spec"])
+        cost = report.cost_of(data, int(r0["num_classes"]), s.batch, q)
+        gain = "–" if q == 0 else report.fmt_gain(report.gain(runs, part, g, q, c))
+        ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
+        mb = f"{cost['step_mb']:.0f}" if "step_mb" in cost else "–"
+        rows.append(f"| {_arm(q, c)} | {len(by_seed)} | {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
+                    f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {ratio} | {mb} |")
+    return "\n".join(rows)
 
 
-def _distill_section(results: Path) -> list[str]:
-    """Section 6 from the JSON that ``bench/distill.py --json`` wrote (copied to docs/distill/results.json)."""
+def regime_table(data: dict) -> str:
+    rows = ["| training classes | batch | distinct classes per batch (share of all) | ArcFace Recall@1 "
+            "| BroadFace Recall@1 | paired Δ, points | > 2 SE | step time vs queue 0 "
+            "| Δ points per extra step-second |",
+            "|---:|---:|---|---|---|---|:---:|---:|---:|"]
+    for c in report.regime_cells(data["runs"]):
+        cost = report.cost_of(data, c["classes"], c["batch"], c["queue"])
+        base = report.cost_of(data, c["classes"], c["batch"], 0)
+        g = c["gain"]
+        per_s = "–"
+        if g is not None and "step_ms" in cost and "step_ms" in base and cost["step_ms"] > 1.05 * base["step_ms"]:
+            per_s = f"{100 * g.mean / ((cost['step_ms'] - base['step_ms']) / 1000):+.1f}"
+        name = f"{c['classes']}" + (" (964 × 4 rotations)" if c["rotations"] == 4 else "")
+        ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
+        rows.append(f"| {name} | {c['batch']} | {c['classes_per_batch']:.0f} ({100 * c['coverage']:.1f} %) "
+                    f"| {report.mean_sd(c['arcface'])} | {report.mean_sd(c['broadface'])} | {report.fmt_gain(g)} "
+                    f"| {'yes' if g is not None and g.significant() else 'no'} | {ratio} | {per_s} |")
+    return "\n".join(rows)
+
+
+def error_table(runs: list[dict], part: str) -> str:
+    rows = ["| measured after step (lr) | entry age, steps | entries | 1 − cos, compensated e* "
+            "| 1 − cos, uncompensated e⁻ | e⁻ / e* |", "|---|---|---:|---:|---:|---:|"]
+    for b in report.error_bins(runs, part):
+        ratio = b["uncompensated"] / b["compensated"] if b["compensated"] > 0 else float("nan")
+        rows.append(f"| {b['step']} ({b['lr']:g}) | {b['age_lo']}–{b['age_hi']} | {b['entries']} "
+                    f"| {b['compensated']:.4f} | {b['uncompensated']:.4f} | {ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def fig6_table(rows: list[dict]) -> str:
+    plain = {r["referenced"]: r["step_mb"] for r in rows if r["kind"] == "plain"}
+    out = ["| instances referenced N | plain: batch N, step MB | BroadFace: batch b + queue N − b | step MB "
+           "| BroadFace / plain |", "|---:|---:|---|---:|---:|"]
+    for n in sorted(plain):
+        bf = [r for r in rows if r["kind"] == "broadface" and r["referenced"] == n]
+        cell = (f"{bf[0]['batch']} + {bf[0]['queue']} | {bf[0]['step_mb']:.0f} | {bf[0]['step_mb'] / plain[n]:.2f}"
+                if bf else "– (N = b) | – | –")
+        out.append(f"| {n} | {plain[n]:.0f} | {cell} |")
+    return "\n".join(out)
+
+
+def _setup_lines(data: dict) -> list[str]:
+    c = data["config"]
+    b = c["base"]
+    return [
+        f"- Data: full Omniglot, the standard split: train on the 964 characters of the 30 background alphabets "
+        f"(19,280 images; the regime map also uses every k-th class, and the 3,856 rotation classes), evaluate "
+        f"on the 659 characters of the 20 evaluation alphabets (13,180 images, never trained on), "
+        f"{b['size']}×{b['size']}, no flip.",
+        f"- Model: `tinycnn` width {b['width']}, D = {b['dim']}; {b['loss']} s = {b['scale']:g}, m = {b['margin']:g}; "
+        f"SGD momentum 0.9, weight decay {b['weight_decay']:g}; lr × 0.1 at {int(100 * b['drop_at'])} % of the steps; "
+        f"one torch thread per run, two runs at a time.",
+        "- Metric: Recall@K, every evaluation image querying the other 13,179 (cosine, no flip).",
+        f"- Pairs: the arms of a seed share initialisation and data order (and the warm start), so every gain is "
+        f"the mean over seeds {list(c['seeds'])} of the per-seed difference, ± its standard error.",
+        "- Cost: `step time vs queue 0` is the training step (forward, backward, SGD; the queue full) of that "
+        "configuration against the same configuration without a queue, timed side by side in one process "
+        "(interleaved rounds, median); `step MB` the peak memory of a step in a fresh process.",
+    ]
+
+
+def render(data: dict, out_dir: Path, results: Path) -> None:
+    runs = data["runs"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = data["config"]
+    figs = {
+        "sweep": report.plot_sweep(runs, "sweep", out_dir / "sweep.png",
+                                   f"From scratch, 964 classes, batch 128, {c['steps']} steps"),
+        "warm": report.plot_sweep(runs, "warm", out_dir / "sweep_warm.png",
+                                  f"From a warm start ({c['warm_steps']} steps), {c['warm_arm_steps']} steps"),
+        "curves": report.plot_curves(runs, "sweep", out_dir / "curves.png"),
+        "errors": report.plot_errors(runs, ["sweep", "drift"], out_dir / "compensation_error.png"),
+        "regime": report.plot_regime(report.regime_cells(runs), out_dir / "regime.png"),
+        "fig6": report.plot_fig6(data.get("fig6") or [], out_dir / "memory.png"),
+    }
+    rel = {k: os.path.relpath(p, results.parent) for k, p in figs.items() if p is not None}
+    img = lambda k, alt: [f"![{alt}]({rel[k]})", ""] if k in rel else []  # noqa: E731
+    parts = ["# Reproduction study: BroadFace in the many-class regime", "",
+             f"Generated by `{data['command']}`; re-render without training: "
+             "`python bench/study.py --from-json docs/study/runs.json`. Every number and plot comes from "
+             "`docs/study/runs.json`.", "",
+             f"- machine: {data['machine']['nproc']} cores, {data['machine']['cpu']}, "
+             f"torch {data['machine']['torch']}; "
+             f"started {data.get('started', '?')}, finished {data.get('finished', 'not yet (incomplete)')}, "
+             f"{data.get('wall_s', 0) / 3600:.1f} h of training wall time; the machine was shared with other jobs, "
+             f"so absolute times are indicative and only the side-by-side ratios are comparable.",
+             *_setup_lines(data), ""]
+    parts += ["## 1. Queue-size sweep from scratch (cf. paper Table 6a, Fig. 7)", "",
+              f"964 classes, batch 128 (a batch shows ~13 % of the classes), {c['steps']} steps, "
+              f"lr {c['base']['lr']:g}.",
+              "", arm_table(data, "sweep"), "", *img("sweep", "queue sweep"), *img("curves", "learning curves")]
+    parts += ["## 2. From a warm start", "",
+              f"Each seed's arms start from one ArcFace model trained {c['warm_steps']} steps without a queue "
+              f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps.", "",
+              arm_table(data, "warm"), "", *img("warm", "warm-start sweep")]
+    parts += ["## 3. Regime map: when does the queue pay?", "",
+              f"Queue {c['regime_queue']} against none, {c['regime_steps']} steps at every batch size, over the "
+              "number of training classes and the batch. `distinct classes per batch` is the expected number of "
+              "classes a batch shows (hypergeometric, 20 images per class); `Δ points per extra step-second` "
+              "divides the gain by the extra time per step the queue costs.", "",
+              regime_table(data), "", *img("regime", "regime map")]
+    parts += ["## 4. Drift and compensation (cf. paper Fig. 5a, Table 6a)", "",
+              f"Large drift: the sweep at lr {c['base']['lr']:g} and the same runs at lr {c['drift_lr']:g}.", "",
+              arm_table(data, "drift"), "",
+              "Compensation error: mean 1 − cos between a queued entry and the current embedding of the same "
+              "image, by entry age, pooled over seeds (largest compensated queue; the samples of one enqueue step "
+              "are re-embedded together in train mode on a copy of the encoder).", "",
+              "lr " + f"{c['base']['lr']:g}:", "", error_table(runs, "sweep"), "",
+              f"lr {c['drift_lr']:g}:", "", error_table(runs, "drift"), "", *img("errors", "compensation error")]
+    if data.get("fig6"):
+        parts += ["## 5. Memory (cf. paper Fig. 6)", "", fig6_table(data["fig6"]), "", *img("fig6", "memory")]
+    parts += _distill_section(results.parent / "distill" / "results.json")
+    notes = results.parent / "study_notes.md"
+    parts += ["---", "", notes.read_text().strip() if notes.exists() else "", ""]
+    atomic_write_text(results, "\n".join(parts))
+    print(f"wrote {results} and {len(rel)} plot(s) in {out_dir}", flush=True)
+
+
+def _distill_section(path: Path) -> list[str]:
+    """The BigFace distillation table from the JSON that ``bench/distill.py --json`` wrote."""
     head = ["## 6. BigFace distillation and masked faces (bench/distill.py)", ""]
-    if not results.exists():
+    if not path.exists():
         return head + ["(not run: `python bench/distill.py --json docs/distill/results.json`)", ""]
-    r = json.loads(results.read_text())
+    r = json.loads(path.read_text())
     a, st = r["args"], r["setup"]
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items()
                      if k in ("threads", "teacher_width", "teacher_steps", "student_steps", "pairs") and v is not None)
     rows = ["| model | LFW % | LFW, one image masked % | CelebA-299 Recall@1 | train s |", "|---|---|---|---:|---:|"]
     for name, m in r["results"].items():
-        if "lfw" not in m:
-            continue
-        rows.append(f"| {name} | {100 * m['lfw']:.2f} ± {100 * m['lfw_std']:.2f} | "
-                    f"{100 * m['lfw_masked']:.2f} ± {100 * m['lfw_masked_std']:.2f} | "
-                    f"{m['celeba_recall@1']:.4f} | {m['train_s']:.0f} |")
+        if "lfw" in m:
+            rows.append(f"| {name} | {100 * m['lfw']:.2f} ± {100 * m['lfw_std']:.2f} | "
+                        f"{100 * m['lfw_masked']:.2f} ± {100 * m['lfw_masked_std']:.2f} | "
+                        f"{m['celeba_recall@1']:.4f} | {m['train_s']:.0f} |")
     return head + [
         f"Command: `python bench/distill.py {flags}{' --no-flip' if not st['flip'] else ''}` "
         f"(one seed, {r['lfw_pairs']} LFW pairs, mask_prob {a['mask_prob']}, λ = {a['weight']}, "
         f"{a['kind']} distance; teacher iResNet width {st['teacher_width']} trained {st['teacher_steps']} steps; "
-        f"students {st['student_steps']} steps; {r['torch_threads']} torch thread, shared 2-core CPU); "
-        f"wall {r['wall_s']:.0f} s. Details: [distillation](distillation.md).", "", *rows, ""]
-
-
-def write(d: dict[str, Any], path: Path, notes: Path, figures: list[Path]) -> None:
-    runs = d["runs"]
-    rel = {p.name: os.path.relpath(p, path.parent) for p in figures}
-    parts = ["# Reproduction study: BroadFace on the real data here",
-             "",
-             "Generated by `" + d["command"] + "` (regenerate the text and plots without training: "
-             "`python bench/study.py --from-json docs/study/runs.json`). Every number and plot below comes from "
-             "`docs/study/runs.json`; the interpretation is in the notes at the end.",
-             "",
-             "- " + _machine_line(d["machine"], " at the start of the run"),
-             f"- started {d['started']}, total wall time {d.get('wall_s', 0):.0f} s"
-             + ("" if d.get("complete") else f" — **INCOMPLETE: {d.get('progress', '')}**"),
-             f"- the machine was shared with other engineers' jobs: wall and step times are indicative only",
-             "",
-             "## Compute plan", "", _plan(d), "",
-             "## Warm starts", "", report.warm_table(runs), "",
-             "## 1. Queue-size sweep (paper Table 6a / Fig. 7a)", "",
-             "Mean ± std (sample std over seeds). `train s/run` is the wall time of one fine-tuning run including its "
-             "evaluations; `step ms` the mean training-step time inside it (parallel runs shared the cores).", "",
-             report.sweep_table(runs), "", "Paired by seed (same warm start and batches), difference to ArcFace:", "",
-             report.paired_table(runs), ""]
-    if "sweep.png" in rel:
-        parts += [f"![queue sweep]({rel['sweep.png']})", ""]
-    parts += ["## 2. Learning curves (paper Fig. 7b)", ""]
-    parts += [f"![learning curves]({rel['curves.png']})", ""] if "curves.png" in rel else ["(not run)", ""]
-    parts += ["## 3. Compensation error (paper Fig. 5a)", "",
-              "Mean 1 − cos between a queue entry and the current embedding of the same image, by entry age "
-              "(age 0 = pushed at the last step, one optimizer update ago), pooled over seeds.", "",
-              report.error_table(runs) if any(r.get("errors") for r in runs) else "(not run)", ""]
-    if "compensation_error.png" in rel:
-        parts += [f"![compensation error]({rel['compensation_error.png']})", ""]
-    mem = d.get("memory") or []
-    parts += ["## 4. Memory (paper Fig. 6)", ""]
-    if mem:
-        mm = d["memory_meta"]
-        parts += [f"`bench/memory.py`'s child (fresh process per configuration, peak RSS of two training steps "
-                  f"minus the memory before the head was built, after a 2-image warm-up), tinycnn width "
-                  f"{mm['width']}, {mm['size']}×{mm['size']} inputs, C = {mm['classes']}, D = {mm['dim']}; "
-                  f"wall {mm['wall_s']:.0f} s.", "", report.memory_table(mem), "",
-                  f"![memory]({rel['memory.png']})" if "memory.png" in rel else "", ""]
-    else:
-        parts += ["(not run)", ""]
-    parts += ["## 5. Overhead: step time with and without the queue", ""]
-    if d.get("overhead"):
-        om = d["overhead_meta"]
-        parts += [f"The study's training step (tinycnn width {om['width']}, batch {om['batch']}, C = {om['classes']}, "
-                  f"D = {om['dim']}, forward + backward + SGD; queue pre-filled), all sizes in one process, "
-                  f"{om['rounds']} interleaved rounds × {om['steps']} timed steps, {om['threads']} thread; "
-                  f"wall {om['wall_s']:.0f} s; {_machine_line(om['machine'])}.", "",
-                  report.overhead_table(d["overhead"]), ""]
-    else:
-        parts += ["(not run)", ""]
-    parts += _distill_section(path.parent / "distill" / "results.json")
-    parts += ["## Wall time of every run", "", "| run | seed | queue | compensation | wall s |",
-              "|---|---:|---:|---|---:|"]
-    for r in sorted(runs, key=lambda r: (r["kind"] != "warm", r["seed"], r.get("queue", 0), not r.get("compensate"))):
-        comp = ("yes" if r["compensate"] else "no") if r.get("queue") else "–"
-        parts.append(f"| {r['kind']} | {r['seed']} | {r.get('queue', 0)} | {comp} | {r['wall_s']:.0f} |")
-    parts += ["", "---", ""]
-    parts += [notes.read_text().strip() if notes.exists() else "(docs/study_notes.md not written yet)", ""]
-    path.write_text("\n".join(parts))
+        f"students {st['student_steps']} steps); wall {r['wall_s']:.0f} s. Details: "
+        "[distillation](distillation.md).", "", *rows, ""]

@@ -1,4 +1,8 @@
-"""docs/RESULTS.md and docs/study/*.png from the study's runs.json (no number is typed in here)."""
+"""Tables and plots of the study from its runs.json (no number is typed in here).
+
+Every comparison is paired: an arm's Recall@1 minus that of the queue-0 arm with the same pair key
+(same seed, data, schedule; :meth:`RunSpec.pair_key`), as mean ± standard error over seeds.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -7,126 +11,76 @@ from typing import Any
 
 import numpy as np
 
-
-def _ms(values: list[float], pct: bool = False) -> str:
-    """``mean ± std`` (std over seeds, ddof 1; n = 1 shows the value alone)."""
-    v = np.asarray(values, dtype=float) * (100 if pct else 1)
-    if len(v) == 0:
-        return "–"
-    if len(v) == 1:
-        return f"{v[0]:.2f}" if pct else f"{v[0]:.3f}"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if pct else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+from broadface.fileio import atomic_savefig
+from broadface.metrics.paired import PairedDifference, paired_difference
+from broadface.study.runs import RunSpec
 
 
-def _arm_name(queue: int, compensate: bool) -> str:
-    if queue == 0:
-        return "ArcFace (queue 0)"
-    return f"BroadFace {queue}" + ("" if compensate else ", no compensation")
+def specs(runs: list[dict]) -> list[tuple[RunSpec, dict]]:
+    return [(RunSpec.from_dict(r["spec"]), r) for r in runs]
 
 
-def _group(runs: list[dict]) -> dict[tuple[int, bool], list[dict]]:
-    out: dict[tuple[int, bool], list[dict]] = defaultdict(list)
-    for r in runs:
-        if r["kind"] == "arm":
-            out[(r["queue"], r["compensate"] or r["queue"] == 0)].append(r)
-    ordered = sorted(out.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in ordered}
+def _base_key(spec: RunSpec) -> str:
+    """The pair key of the seed-independent arm group (pairs are then matched by seed)."""
+    import json
+
+    d = json.loads(spec.pair_key())
+    d.pop("seed")
+    return json.dumps(d, sort_keys=True)
 
 
-def sweep_table(runs: list[dict]) -> str:
-    rows = ["| arm | queue | compensation | seeds | queue fill at end (full at step) | Recall@1 | Recall@8 "
-            "| pair accuracy % (10-fold) | train s/run | step ms |",
-            "|---|---:|---|---:|---|---|---|---|---:|---:|"]
-    for (q, c), rs in _group(runs).items():
-        full = sorted({r["first_full_step"] for r in rs if r["first_full_step"]})
-        fill = f"{rs[0]['fill']}" + (f" (step {full[0]})" if full else (" (never full)" if q else ""))
-        rows.append(f"| {_arm_name(q, c)} | {q} | {'yes' if c and q else ('no' if q else '–')} | {len(rs)} | {fill} "
-                    f"| {_ms([r['recall@1'] for r in rs])} | {_ms([r['recall@8'] for r in rs])} "
-                    f"| {_ms([r['pair_acc'] for r in rs], pct=True)} | {np.mean([r['wall_s'] for r in rs]):.0f} "
-                    f"| {np.mean([r['step_ms'] for r in rs]):.0f} |")
-    return "\n".join(rows)
-
-
-def _pm(values: list[float], digits: int) -> str:
-    """Signed mean ± sample std (just the mean for one value)."""
-    if len(values) < 2:
-        return f"{np.mean(values):+.{digits}f}" if values else "–"
-    return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def paired_table(runs: list[dict]) -> str:
-    """Differences to the same seed's ArcFace arm (paired by seed: same warm start and data order)."""
-    groups = _group(runs)
-    base = {r["seed"]: r for r in groups.get((0, True), [])}
-    rows = ["| arm | Δ Recall@1 vs ArcFace (per seed, in seed order) | mean Δ ± std "
-            "| Δ pair accuracy % (per seed) | mean Δ ± std |",
-            "|---|---|---:|---|---:|"]
-    for (q, c), rs in groups.items():
-        if q == 0:
-            continue
-        d1 = [r["recall@1"] - base[r["seed"]]["recall@1"] for r in rs if r["seed"] in base]
-        d2 = [100 * (r["pair_acc"] - base[r["seed"]]["pair_acc"]) for r in rs if r["seed"] in base]
-        rows.append(f"| {_arm_name(q, c)} | {', '.join(f'{d:+.3f}' for d in d1)} | {_pm(d1, 3)} "
-                    f"| {', '.join(f'{d:+.2f}' for d in d2)} | {_pm(d2, 2)} |")
-    return "\n".join(rows)
-
-
-def warm_table(runs: list[dict]) -> str:
-    rows = ["| seed | warm-start steps | Recall@1 | pair accuracy % | wall s |", "|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in runs if r["kind"] == "warm"), key=lambda r: r["seed"]):
-        rows.append(f"| {r['seed']} | {r['steps']} | {r['recall@1']:.3f} | {100 * r['pair_acc']:.2f} "
-                    f"| {r['wall_s']:.0f} |")
-    return "\n".join(rows)
-
-
-def error_bins(runs: list[dict], bins: int = 8) -> list[dict[str, Any]]:
-    """Mean compensated / uncompensated cosine error per age bin, per measurement step, pooled over seeds."""
-    out = []
-    for step in sorted({e["step"] for r in runs if r["kind"] == "arm" for e in r["errors"]}):
-        es = [e for r in runs if r["kind"] == "arm" for e in r["errors"] if e["step"] == step]
-        age = np.concatenate([np.asarray(e["age"]) for e in es])
-        comp = np.concatenate([np.asarray(e["compensated"]) for e in es])
-        unc = np.concatenate([np.asarray(e["uncompensated"]) for e in es])
-        edges = np.unique(np.linspace(0, age.max() + 1, bins + 1).astype(int))
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            m = (age >= lo) & (age < hi)
-            if m.any():
-                out.append({"step": step, "lr": es[0]["lr"], "seeds": len(es), "age_lo": int(lo), "age_hi": int(hi - 1),
-                            "entries": int(m.sum()), "compensated": float(comp[m].mean()),
-                            "uncompensated": float(unc[m].mean())})
+def arms(runs: list[dict], part: str) -> dict[tuple[str, int, bool], dict[int, dict]]:
+    """``{(group key, queue, compensate): {seed: record}}`` for one part."""
+    out: dict[tuple[str, int, bool], dict[int, dict]] = defaultdict(dict)
+    for s, r in specs(runs):
+        if s.part == part:
+            out[(_base_key(s), s.queue, s.compensate or s.queue == 0)][s.seed] = r
     return out
 
 
-def error_table(runs: list[dict]) -> str:
-    rows = ["| measured at step (lr) | entry age, steps | entries (all seeds) | 1 − cos, compensated e* "
-            "| 1 − cos, uncompensated e⁻ | ratio |", "|---|---|---:|---:|---:|---:|"]
-    for b in error_bins(runs):
-        ratio = b["uncompensated"] / b["compensated"] if b["compensated"] > 0 else float("nan")
-        rows.append(f"| {b['step']} ({b['lr']:g}) | {b['age_lo']}–{b['age_hi']} | {b['entries']} "
-                    f"| {b['compensated']:.4f} | {b['uncompensated']:.4f} | {ratio:.2f} |")
-    return "\n".join(rows)
+def gain(runs: list[dict], part: str, group: str, queue: int, compensate: bool,
+         metric: str = "recall@1") -> PairedDifference | None:
+    """Paired gain of an arm over the queue-0 arm of its group, or None if either is missing."""
+    a = arms(runs, part)
+    base, arm = a.get((group, 0, True)), a.get((group, queue, compensate))
+    if not base or not arm or not set(base) & set(arm):
+        return None
+    return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
 
 
-def overhead_table(rows: list[dict]) -> str:
-    out = ["| queue Q | filled | median step ms | min–max ms | samples/s | vs Q = 0 |",
-           "|---:|---:|---:|---|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['queue']} | {r['fill']} | {r['step_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} "
-                   f"| {r['samples_per_s']:.0f} | {r['vs_q0']:.2f}× |")
-    return "\n".join(out)
+def expected_classes_per_batch(counts: np.ndarray, batch: int) -> float:
+    """Expected number of distinct classes in a batch drawn without replacement (hypergeometric)."""
+    n = int(counts.sum())
+    i = np.arange(batch)
+    absent = np.array([np.exp(np.sum(np.log1p(-c / (n - i)))) if c < n - batch + 1 else 0.0 for c in counts])
+    return float(np.sum(1.0 - absent))
 
 
-def memory_table(rows: list[dict]) -> str:
-    plain = {r["referenced"]: r["step_mb"] for r in rows if r["kind"] == "plain"}
-    out = ["| referenced instances N | plain: batch N, step MB | BroadFace: batch b + queue N − b "
-           "| BroadFace step MB "
-           "| BroadFace / plain |", "|---:|---:|---|---:|---:|"]
-    for n in sorted(plain):
-        bf = [r for r in rows if r["kind"] == "broadface" and r["referenced"] == n]
-        cell = (f"{bf[0]['batch']} + {bf[0]['queue']} | {bf[0]['step_mb']:.0f} | {bf[0]['step_mb'] / plain[n]:.2f}"
-                if bf else "– (N = b) | – | –")
-        out.append(f"| {n} | {plain[n]:.0f} | {cell} |")
-    return "\n".join(out)
+def cost_of(data: dict, classes: int, batch: int, queue: int) -> dict[str, Any]:
+    """The step-time ratio and step memory measured for this configuration ({} when not measured)."""
+    out: dict[str, Any] = {}
+    for row in data.get("step_times", []):
+        if (row["classes"], row["batch"], row["queue"]) == (classes, batch, queue):
+            out.update(step_ms=row["step_ms"], vs_q0=row["vs_q0"])
+    for row in data.get("memory", []):
+        if (row["classes"], row["batch"], row["queue"]) == (classes, batch, queue):
+            out["step_mb"] = row["step_mb"]
+    return out
+
+
+def fmt_gain(g: PairedDifference | None, scale: float = 100.0) -> str:
+    """``+2.31 ± 0.45 (n=3)`` in points (×100), or ``–``."""
+    if g is None:
+        return "–"
+    se = "" if g.se is None else f" ± {scale * g.se:.2f}"
+    return f"{scale * g.mean:+.2f}{se} (n={g.n})"
+
+
+def mean_sd(values: list[float]) -> str:
+    v = np.asarray(values, float)
+    if v.size == 0:
+        return "–"
+    return f"{v.mean():.4f}" if v.size == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -138,111 +92,169 @@ def _fig(w: float = 5.5, h: float = 3.8):
     return Figure(figsize=(w, h), dpi=110)
 
 
-def plot_sweep(runs: list[dict], path: Path) -> None:
-    """Per queue size: the difference to the same seed's ArcFace run (mean ± std over seeds)."""
-    groups = _group(runs)
-    base = {r["seed"]: r for r in groups.get((0, True), [])}
-    fig = _fig(10, 3.8)
-    for i, (key, label, unit) in enumerate((("recall@1", "Δ Recall@1 vs ArcFace (unseen classes)", 1),
-                                            ("pair_acc", "Δ pair accuracy vs ArcFace, % points", 100))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for comp, style, shift in ((True, "o-", -0.06), (False, "s--", 0.06)):
-            pts = [(0, [0.0] * len(base))] + [
-                (q, [unit * (r[key] - base[r["seed"]][key]) for r in rs if r["seed"] in base])
-                for (q, c), rs in groups.items() if q and c == comp]
-            xs = np.arange(len(pts)) + shift
-            ax.errorbar(xs, [np.mean(v) for _, v in pts], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts],
-                        fmt=style, capsize=3, label="compensated" if comp else "no compensation")
-            ax.set_xticks(np.arange(len(pts)), [str(q) for q, _ in pts])
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("queue size (0 = ArcFace)")
-        ax.set_ylabel(label, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Queue-size sweep, Omniglot: paired difference to ArcFace, mean ± std over seeds "
-                 "(cf. paper Fig. 7a; absolute values in the table)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def plot_curves(runs: list[dict], path: Path) -> None:
-    """Left: Recall@1 per arm (mean ± std over seeds). Right: difference to the same seed's ArcFace."""
-    groups = {k: rs for k, rs in _group(runs).items() if rs[0]["curve"]}
-    base = {r["seed"]: np.array([v for _, v in r["curve"]]) for r in groups.get((0, True), [])}
-    fig = _fig(10, 3.8)
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for (q, c), rs in groups.items():
-        steps = np.array([s for s, _ in rs[0]["curve"]])
-        vals = np.array([[v for _, v in r["curve"]] for r in rs])
-        diff = np.array([x - base[r["seed"]] for x, r in zip(vals, rs) if r["seed"] in base])
-        for ax, v in ((left, vals), (right, diff)):
-            if len(v) == 0:
-                continue
-            mean, std = v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else 0 * v[0])
-            ax.plot(steps, mean, label=f"{_arm_name(q, c)} ({len(v)} seeds)")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    full = [rs[0]["first_full_step"] for (q, _), rs in groups.items() if q and rs[0]["first_full_step"]]
-    if full:
-        for ax in (left, right):
-            ax.axvline(max(full), color="grey", ls=":", lw=1)
-        right.annotate("largest queue full", (max(full), 0), fontsize=7, color="grey")
-    left.set_ylabel("test Recall@1 (unseen classes)")
-    right.set_ylabel("Δ Recall@1 vs the same seed's ArcFace")
-    for ax in (left, right):
-        ax.set_xlabel("fine-tuning step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Learning curves, mean ± std over seeds (cf. paper Fig. 7b)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def plot_error(runs: list[dict], path: Path) -> None:
-    bins = error_bins(runs, bins=16)
+def plot_sweep(runs: list[dict], part: str, path: Path, title: str) -> Path | None:
+    """Paired ΔRecall@1 against queue size, with and without compensation (cf. paper Fig. 7a / Table 6a)."""
+    a = arms(runs, part)
+    groups = sorted({g for g, _, _ in a})
+    if not groups:
+        return None
+    g = groups[0]
+    queues = sorted({q for gg, q, _ in a if gg == g and q})
     fig = _fig()
     ax = fig.add_subplot(1, 1, 1)
-    for step in sorted({b["step"] for b in bins}):
-        bs = [b for b in bins if b["step"] == step]
-        mid = [(b["age_lo"] + b["age_hi"]) / 2 for b in bs]
-        line, = ax.plot(mid, [b["uncompensated"] for b in bs], "s--", ms=3, label=f"uncompensated e⁻, at step {step}")
-        ax.plot(mid, [b["compensated"] for b in bs], "o-", ms=3, color=line.get_color(),
-                label=f"compensated e*, at step {step}")
-    ax.set_xlabel("age of the queue entry (steps)")
-    ax.set_ylabel("mean 1 − cos(entry, current embedding)")
-    ax.set_title("Compensation error vs entry age (cf. paper Fig. 5a)", fontsize=9)
+    for comp, style, shift in ((True, "o-", -0.05), (False, "s--", 0.05)):
+        pts = [(i, gain(runs, part, g, q, comp)) for i, q in enumerate(queues)]
+        pts = [(i, d) for i, d in pts if d is not None]
+        if pts:
+            ax.errorbar([i + shift for i, _ in pts], [100 * d.mean for _, d in pts],
+                        yerr=[100 * (d.se or 0) for _, d in pts], fmt=style, capsize=3,
+                        label="compensated" if comp else "no compensation")
+    ax.set_xticks(range(len(queues)), [f"{q // 1024}k" if q >= 1024 else str(q) for q in queues])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("queue size")
+    ax.set_ylabel("Δ Recall@1 vs queue 0, points (mean ± SE)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    return atomic_savefig(fig, path)
 
 
-def plot_memory(rows: list[dict], path: Path) -> None:
+def plot_curves(runs: list[dict], part: str, path: Path) -> Path | None:
+    """Recall@1 against step for the arms with a learning curve (mean ± std over seeds)."""
+    a = {k: v for k, v in arms(runs, part).items() if any(r["curve"] for r in v.values())}
+    if not a:
+        return None
+    fig = _fig()
+    ax = fig.add_subplot(1, 1, 1)
+    for (g, q, c), by_seed in sorted(a.items(), key=lambda kv: kv[0][1]):
+        curves = [r["curve"] for r in by_seed.values()]
+        steps = [s for s, _ in curves[0]]
+        vals = np.array([[v for _, v in cv] for cv in curves if len(cv) == len(steps)])
+        mean = vals.mean(0)
+        std = vals.std(0, ddof=1) if len(vals) > 1 else np.zeros_like(mean)
+        label = "ArcFace (queue 0)" if q == 0 else f"BroadFace {q}" + ("" if c else ", no comp.")
+        ax.plot(steps, mean, label=f"{label}, {len(vals)} seeds")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("Recall@1, 659 unseen characters")
+    ax.set_title("Learning curves (cf. paper Fig. 7b)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
+
+
+def error_bins(runs: list[dict], part: str, bins: int = 8) -> list[dict[str, Any]]:
+    """Mean compensated / uncompensated cosine error per entry-age bin and measurement step, over seeds."""
+    es = [e for s, r in specs(runs) if s.part == part for e in r["errors"]]
+    out = []
+    for step in sorted({e["step"] for e in es}):
+        at = [e for e in es if e["step"] == step]
+        age = np.concatenate([np.asarray(e["age"]) for e in at])
+        comp = np.concatenate([np.asarray(e["compensated"]) for e in at])
+        unc = np.concatenate([np.asarray(e["uncompensated"]) for e in at])
+        edges = np.unique(np.linspace(0, age.max() + 1, bins + 1).astype(int))
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m = (age >= lo) & (age < hi)
+            if m.any():
+                out.append({"step": step, "lr": at[0]["lr"], "seeds": len(at), "age_lo": int(lo),
+                            "age_hi": int(hi - 1), "entries": int(m.sum()), "compensated": float(comp[m].mean()),
+                            "uncompensated": float(unc[m].mean())})
+    return out
+
+
+def plot_errors(runs: list[dict], parts: list[str], path: Path) -> Path | None:
+    """Paper Fig. 5a: 1 − cos(entry, current embedding) against entry age, e* and e⁻."""
+    fig = _fig(5.5 * len(parts), 3.8)
+    drew = False
+    for i, part in enumerate(parts):
+        ax = fig.add_subplot(1, len(parts), i + 1)
+        bins = error_bins(runs, part, bins=16)
+        for step in sorted({b["step"] for b in bins}):
+            bs = [b for b in bins if b["step"] == step]
+            mid = [(b["age_lo"] + b["age_hi"]) / 2 for b in bs]
+            line, = ax.plot(mid, [b["uncompensated"] for b in bs], "s--", ms=3,
+                            label=f"e⁻ (no comp.), step {step}, lr {bs[0]['lr']:g}")
+            ax.plot(mid, [b["compensated"] for b in bs], "o-", ms=3, color=line.get_color(),
+                    label=f"e* (compensated), step {step}")
+            drew = True
+        ax.set_xlabel("age of the queue entry, steps")
+        ax.set_ylabel("mean 1 − cos(entry, embedding now)")
+        ax.set_title(f"{part}: compensation error vs age (cf. Fig. 5a)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not drew:
+        return None
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
+
+
+def regime_cells(runs: list[dict]) -> list[dict[str, Any]]:
+    """One row per (classes, batch) cell of the regime map with its paired gain."""
+    a = arms(runs, "regime")
+    cells = []
+    for (g, q, c), by_seed in a.items():
+        if q == 0:
+            continue
+        s = RunSpec.from_dict(next(iter(by_seed.values()))["spec"])
+        r0 = next(iter(by_seed.values()))
+        classes = r0["num_classes"]
+        counts = np.full(classes, 20)  # Omniglot: 20 drawers per character (and per rotation)
+        per_batch = expected_classes_per_batch(counts, s.batch)
+        base = a.get((g, 0, True), {})
+        cells.append({"classes": classes, "rotations": s.rotations, "batch": s.batch, "queue": q,
+                      "classes_per_batch": per_batch, "coverage": per_batch / classes,
+                      "seen_per_class": s.batch / classes, "gain": gain(runs, "regime", g, q, c),
+                      "arcface": [r["recall@1"] for r in base.values()],
+                      "broadface": [r["recall@1"] for r in by_seed.values()]})
+    return sorted(cells, key=lambda x: (x["classes"], x["batch"]))
+
+
+def plot_regime(cells: list[dict], path: Path) -> Path | None:
+    """Heat map of the paired gain over (training classes, batch), annotated with Δ ± SE and coverage."""
+    if not cells:
+        return None
+    classes = sorted({c["classes"] for c in cells})
+    batches = sorted({c["batch"] for c in cells})
+    grid = np.full((len(classes), len(batches)), np.nan)
+    fig = _fig(6.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for c in cells:
+        if c["gain"] is not None:
+            grid[classes.index(c["classes"]), batches.index(c["batch"])] = 100 * c["gain"].mean
+    lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+    for c in cells:
+        i, j = classes.index(c["classes"]), batches.index(c["batch"])
+        g = c["gain"]
+        text = "–" if g is None else f"{100 * g.mean:+.1f}" + ("" if g.se is None else f"\n± {100 * g.se:.1f}")
+        ax.text(j, i, f"{text}\n{100 * c['coverage']:.0f}% cls/batch", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("training classes")
+    ax.set_title("Regime map: paired Δ Recall@1 (points) of BroadFace over ArcFace", fontsize=9)
+    fig.colorbar(im, ax=ax, label="Δ Recall@1, points")
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
+
+
+def plot_fig6(rows: list[dict], path: Path) -> Path | None:
+    if not rows:
+        return None
     fig = _fig()
     ax = fig.add_subplot(1, 1, 1)
     for kind, style in (("plain", "o-"), ("broadface", "s-")):
         rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["referenced"])
-        label = ("plain mini-batch (batch N)" if kind == "plain" else
-                 f"BroadFace (batch {rs[0]['batch']} + queue N − b)" if rs else kind)
-        ax.plot([r["referenced"] for r in rs], [r["step_mb"] for r in rs], style, label=label)
+        if rs:
+            label = "plain, batch N" if kind == "plain" else f"BroadFace, batch {rs[0]['batch']} + queue N − b"
+            ax.plot([r["referenced"] for r in rs], [r["step_mb"] for r in rs], style, label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("instances referenced by the classifier per step, N")
-    ax.set_ylabel("step peak − memory before the head, MB")
+    ax.set_xlabel("instances the classifier references per step, N")
+    ax.set_ylabel("peak step memory above the base, MB")
     ax.set_title("Memory (cf. paper Fig. 6), CPU peak RSS", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-
-
-def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = data["runs"]
-    made = []
-    for name, fn, arg, ok in (("sweep.png", plot_sweep, runs, any(r["kind"] == "arm" for r in runs)),
-                              ("curves.png", plot_curves, runs, any(r.get("curve") for r in runs)),
-                              ("compensation_error.png", plot_error, runs, any(r.get("errors") for r in runs)),
-                              ("memory.png", plot_memory, data.get("memory") or [], bool(data.get("memory")))):
-        if ok:
-            fn(arg, out_dir / name)
-            made.append(out_dir / name)
-    return made
+    return atomic_savefig(fig, path)

@@ -1,84 +1,111 @@
-"""Training runs of the study: one warm start per seed, then one fine-tuning run per arm.
+"""One training run of the study, described by a :class:`RunSpec` and driven through the Trainer.
 
-Every arm of a seed starts from the same warm-start checkpoint (ArcFace, ``warm_steps`` steps)
-and fine-tunes ``steps`` steps with the same seed, hence the same data order, schedule and
-batch size; only ``head.queue_size`` and ``head.compensate`` differ. Runs are driven through
-:class:`broadface.train.Trainer` (its ``train_step`` and ``head``), nothing in the trainer
-is changed: queue arms get a full-storage queue with ``track_ids`` (the maths is that of the
-compact queue; full storage also keeps e⁻ and W⁻_y for the compensation-error diagnostic) and
-the ids of each step's batch are read off the loader's deterministic order.
+A run trains ``tinycnn`` on full Omniglot (optionally a class subset or the rotation classes) with
+ArcFace (or another margin) and a BroadFace queue of ``queue`` entries (0: the plain margin loss),
+then measures Recall@K on the 659 unseen evaluation characters. Runs that differ only in the queue
+(and compensation) are *paired*: the same seed gives the same initialisation and data order, and a
+warm start (``warm_steps > 0``) is shared by every arm of a seed.
 """
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 
-from broadface.study.data import evaluate, load_omniglot, pair_protocol
+from broadface.study.data import class_subset, evaluate, omniglot
+
+PAIR_FIELDS = ("queue", "compensate")  # what differs between the arms of a pair
 
 
-@dataclass
-class StudyConfig:
-    """Everything a run depends on (shared by every arm)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run depends on. ``part`` names the table/plot it belongs to."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    queues: list[int] = field(default_factory=lambda: [0, 1024, 4096, 16384, 32768])
-    width: int = 32  # tinycnn width
-    embedding_size: int = 128
-    input_size: int = 28
-    batch_size: int = 128
+    part: str
+    seed: int
+    queue: int = 0
+    compensate: bool = True
+    classes: int | None = None  # None: every training class (964, or 3,856 with rotations=4)
+    rotations: int = 1
+    batch: int = 128
+    steps: int = 1500
+    lr: float = 0.1
+    drop_at: float = 0.8  # lr x 0.1 at this fraction of the steps
+    loss: str = "arcface"
     scale: float = 30.0
     margin: float = 0.3
-    warm_steps: int = 300  # ArcFace warm start from scratch
-    warm_lr: float = 0.1
-    steps: int = 400  # fine-tuning steps of every arm
-    lr: float = 0.01
-    lr_drop_at: float = 0.8  # x0.1 at this fraction of the steps
+    width: int = 32
+    dim: int = 128
+    size: int = 28
     weight_decay: float = 5e-4
-    eval_every: int = 40  # learning curves (queue 0 and the largest queue)
-    error_steps: list[int] = field(default_factory=lambda: [300, 400])  # compensation error measured here
-    error_stride: int = 4  # re-embed the entries of every 4th enqueue step
-    threads: int = 1
-    data_root: str | None = None
+    warm_steps: int = 0  # > 0: start from a shared warm start (loss without queue, lr warm_lr, constant)
+    warm_lr: float = 0.1
+    eval_every: int = 0  # > 0: a learning curve (Recall@1 every eval_every steps)
+    error_steps: tuple[int, ...] = ()  # Fig. 5a: compensation error measured after these steps
+    error_stride: int = 4  # ... on the entries of every 4th enqueue step
+    head: tuple[tuple[str, Any], ...] = ()  # extra head.* config overrides, e.g. (("union_dtype", "bfloat16"),)
 
-    @property
-    def largest(self) -> int:
-        return max(self.queues)
+    def key(self) -> str:
+        """Stable identity of the run (what a resumed study skips)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def pair_key(self) -> str:
+        """Identity of the pair: every field except the queue and compensation."""
+        d = {k: v for k, v in asdict(self).items() if k not in PAIR_FIELDS and k not in ("eval_every", "error_steps")}
+        return json.dumps(d, sort_keys=True)
+
+    def warm(self) -> RunSpec | None:
+        """The warm-start run this arm starts from (None: from scratch)."""
+        if not self.warm_steps:
+            return None
+        return replace(self, part="warmstart", queue=0, compensate=True, steps=self.warm_steps, lr=self.warm_lr,
+                       drop_at=1.0, warm_steps=0, eval_every=0, error_steps=(), head=())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["error_steps"] = tuple(d.get("error_steps", ()))
+        d["head"] = tuple(tuple(x) for x in d.get("head", ()))
+        return cls(**d)
 
 
-def trainer_config(sc: StudyConfig, seed: int, queue: int, compensate: bool, *, warm: str | None):
-    """The :class:`broadface.train.Config` of a warm start (``warm=None``) or of an arm."""
+def train_config(spec: RunSpec, init: str | None):
+    """The :class:`broadface.train.Config` of a run (``broadface train`` with these keys trains the same)."""
     from broadface.train.config import Config
 
     cfg = Config()
-    cfg.model.name, cfg.model.embedding_size, cfg.model.input_size = "tinycnn", sc.embedding_size, sc.input_size
-    cfg.model.kwargs = {"width": sc.width}
-    cfg.data.name, cfg.data.flip = "omniglot", False
-    cfg.head.loss, cfg.head.scale, cfg.head.margin = "arcface", sc.scale, sc.margin
-    cfg.head.queue_size, cfg.head.compensate, cfg.head.storage = queue, compensate, "full"
-    cfg.optim.weight_decay = sc.weight_decay
-    steps = sc.warm_steps if warm is None else sc.steps
-    cfg.optim.lr = sc.warm_lr if warm is None else sc.lr
-    if warm is None:
-        cfg.schedule.name, cfg.schedule.warmup_steps = "constant", min(30, steps)
-    else:
-        cfg.schedule.name, cfg.schedule.milestones = "multistep", [int(sc.lr_drop_at * steps)]
-    cfg.train.steps, cfg.train.batch_size, cfg.train.seed = steps, sc.batch_size, seed
-    cfg.train.output, cfg.train.tensorboard, cfg.train.device, cfg.train.init = None, False, "cpu", warm
+    cfg.model.name, cfg.model.embedding_size, cfg.model.input_size = "tinycnn", spec.dim, spec.size
+    cfg.model.kwargs = {"width": spec.width}
+    cfg.data.name, cfg.data.flip, cfg.data.rotations, cfg.data.val_split = "omniglot", False, spec.rotations, None
+    cfg.head.loss, cfg.head.scale, cfg.head.margin = spec.loss, spec.scale, spec.margin
+    cfg.head.queue_size, cfg.head.compensate = spec.queue, spec.compensate
+    cfg.head.storage = "full" if spec.error_steps else "compact"
+    for key, value in spec.head:
+        setattr(cfg.head, key, value)
+    cfg.optim.lr, cfg.optim.weight_decay = spec.lr, spec.weight_decay
+    cfg.schedule.name = "multistep"
+    cfg.schedule.milestones = [int(spec.drop_at * spec.steps)] if spec.drop_at < 1 else []
+    cfg.train.steps, cfg.train.batch_size, cfg.train.seed = spec.steps, spec.batch, spec.seed
+    cfg.train.output, cfg.train.tensorboard, cfg.train.device, cfg.train.init = None, False, "cpu", init
     return cfg
 
 
-def _trainer(sc: StudyConfig, train_set, seed: int, queue: int, compensate: bool, warm: str | None):
+def train_set(spec: RunSpec):
+    return class_subset(omniglot("train", spec.size, spec.rotations), spec.classes)
+
+
+def _trainer(spec: RunSpec, init: str | None):
     from broadface.heads.queue import EmbeddingQueue
     from broadface.train.trainer import Trainer
 
-    tr = Trainer(trainer_config(sc, seed, queue, compensate, warm=warm), train_set=train_set, progress=False)
-    if queue:  # same maths; also keeps sample ids and enqueue steps
-        tr.head.queue = EmbeddingQueue(queue, sc.embedding_size, "full", compensate=compensate, track_ids=True)
+    tr = Trainer(train_config(spec, init), train_set=train_set(spec), progress=False)
+    if spec.error_steps and spec.queue:  # full storage that also keeps sample ids and enqueue steps
+        tr.head.queue = EmbeddingQueue(spec.queue, spec.dim, "full", compensate=spec.compensate, track_ids=True)
     return tr
 
 
@@ -87,8 +114,6 @@ def _record_ids(tr) -> None:
     from broadface.data.loader import epoch_order
 
     q, b = tr.head.queue, tr.cfg.train.batch_size
-    if q.size == 0:
-        return
     epoch, batch = tr.stream.epoch, tr.stream.batch - 1  # the batch consumed by the last step
     ids = epoch_order(len(tr.train_set), tr.cfg.train.seed, epoch)[batch * b:(batch + 1) * b]
     slots = (q.ptr - len(ids) + torch.arange(len(ids))) % q.size
@@ -105,7 +130,7 @@ def compensation_error(tr, stride: int) -> dict[str, list]:
     train mode (BatchNorm with that batch's statistics, as when they were enqueued) on a copy of the
     encoder (running statistics untouched). Entries of every ``stride``-th enqueue step are used.
     """
-    q, head = tr.head.queue, tr.head
+    q = tr.head.queue
     order = q.order()
     steps = q.steps[order]
     picked = [s for s in torch.unique(steps).tolist() if s % stride == 0]
@@ -115,70 +140,43 @@ def compensation_error(tr, stride: int) -> dict[str, list]:
         sl = order[steps == s]
         slots.append(sl)
         current.append(model(tr.train_set.images[q.ids[sl]]))
-    err = head.compensation_error(torch.cat(current), torch.cat(slots))
-    return {k: [float(f"{x:.6g}") for x in v.tolist()] if v.is_floating_point() else v.tolist()
+    err = tr.head.compensation_error(torch.cat(current), torch.cat(slots))
+    return {k: [round(float(x), 6) for x in v.tolist()] if v.is_floating_point() else v.tolist()
             for k, v in err.items()}
 
 
-def warm_start_run(sc: StudyConfig, seed: int, path: str) -> dict[str, Any]:
-    """ArcFace from scratch for ``warm_steps`` steps; saves the checkpoint every arm of ``seed`` starts from."""
-    torch.set_num_threads(sc.threads)
-    train, test = load_omniglot(sc.input_size, sc.data_root)
-    t0 = time.perf_counter()
-    tr = _trainer(sc, train, seed, 0, True, None)
-    for _ in range(sc.warm_steps):
-        tr.train_step()
-    torch.save(tr.state_dict(), path)
-    wall = time.perf_counter() - t0
-    pairs = pair_protocol(test.labels.numpy())
-    return {"kind": "warm", "seed": seed, "steps": sc.warm_steps, "wall_s": wall, **evaluate(tr.model, test, pairs)}
+def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads: int = 1) -> dict[str, Any]:
+    """Train ``spec`` (from ``init``, the warm-start checkpoint, if any) and evaluate it.
 
-
-def arm_run(sc: StudyConfig, seed: int, queue: int, compensate: bool, warm: str) -> dict[str, Any]:
-    """Fine-tune one arm from the seed's warm start; returns its metrics, curve and diagnostics."""
-    torch.set_num_threads(sc.threads)
-    train, test = load_omniglot(sc.input_size, sc.data_root)
-    pairs = pair_protocol(test.labels.numpy())
-    tr = _trainer(sc, train, seed, queue, compensate, warm)
-    curve_arm = queue in (0, sc.largest)
-    error_arm = queue == sc.largest and compensate
+    Returns a JSON-ready record: the spec, Recall@K, train seconds and ms per step (the training step
+    only), the queue fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state
+    (a warm start's checkpoint for its arms)."""
+    torch.set_num_threads(threads)
+    test = omniglot("test", spec.size, 1)
+    tr = _trainer(spec, init)
+    track = bool(spec.error_steps and spec.queue)
     curve, errors, losses = [], [], []
-    train_s = 0.0
-    t0 = time.perf_counter()
-    if curve_arm:
-        curve.append((0, evaluate(tr.model, test, None)["recall@1"]))
-    for step in range(1, sc.steps + 1):
+    train_s, t0 = 0.0, time.perf_counter()
+    if spec.eval_every:
+        curve.append((0, evaluate(tr.model, test)["recall@1"]))
+    for step in range(1, spec.steps + 1):
         ts = time.perf_counter()
         stats = tr.train_step()
-        _record_ids(tr)
+        if track:
+            _record_ids(tr)
         train_s += time.perf_counter() - ts
-        losses.append((step, stats["batch_loss"], stats["union_loss"], stats["queue_fill"]))
-        if curve_arm and (step % sc.eval_every == 0 or step == sc.steps):
-            curve.append((step, evaluate(tr.model, test, None)["recall@1"]))
-        if error_arm and step in sc.error_steps:
+        if step % max(1, spec.steps // 50) == 0 or step == spec.steps:
+            losses.append((step, float(stats["batch_loss"]), float(stats["union_loss"])))
+        if spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
+            curve.append((step, evaluate(tr.model, test)["recall@1"]))
+        if track and step in spec.error_steps:
             errors.append({"step": step, "lr": tr.optimizer.param_groups[0]["lr"],
-                           **compensation_error(tr, sc.error_stride)})
-    wall = time.perf_counter() - t0
-    fill = int(tr.head.queue.fill) if queue else 0
-    first_full = next((s for s, _, _, f in losses if queue and f >= queue), None)
-    return {"kind": "arm", "seed": seed, "queue": queue, "compensate": compensate, "steps": sc.steps,
-            "wall_s": wall, "train_s": train_s, "step_ms": 1000 * train_s / sc.steps, "fill": fill,
-            "first_full_step": first_full, **evaluate(tr.model, test, pairs), "curve": curve,
-            "errors": errors, "losses": losses[:: max(1, sc.steps // 100)]}
+                           **compensation_error(tr, spec.error_stride)})
+    if save:
+        from broadface.fileio import atomic_torch_save
 
-
-def config_dict(sc: StudyConfig) -> dict[str, Any]:
-    return asdict(sc)
-
-
-def arms(sc: StudyConfig) -> list[tuple[int, bool]]:
-    """(queue, compensate) of every arm: queue 0 once, every other queue with and without compensation."""
-    out: list[tuple[int, bool]] = []
-    for q in sc.queues:
-        out += [(q, True)] if q == 0 else [(q, True), (q, False)]
-    return out
-
-
-def fill_steps(sc: StudyConfig) -> dict[int, int]:
-    """First step whose union holds a full queue (``batch size`` entries are pushed after each step)."""
-    return {q: int(np.ceil(q / sc.batch_size)) + 1 for q in sc.queues if q}
+        atomic_torch_save(tr.state_dict(), save)
+    return {"spec": asdict(spec), "key": spec.key(), **evaluate(tr.model, test), "train_s": round(train_s, 2),
+            "step_ms": round(1000 * train_s / spec.steps, 2), "wall_s": round(time.perf_counter() - t0, 2),
+            "fill": int(tr.head.queue.fill) if spec.queue else 0, "num_classes": tr.num_classes,
+            "curve": curve, "errors": errors, "losses": losses}

@@ -1,0 +1,100 @@
+"""The study's runs, part by part (see docs/RESULTS.md for what each part answers).
+
+* ``sweep``  -- from scratch on the 964 background characters, batch 128: queue 0 / 1k / 4k / 8k / 16k /
+  32k, each with and without compensation; learning curves for queue 0 and 8k; the paper's Fig. 5a
+  (compensation error against entry age) in the 32k arm, before and after the learning-rate drop.
+* ``warm``   -- the same queues from a shared warm start (ArcFace, no queue) per seed.
+* ``regime`` -- the regime map: queue 0 vs 8k over the number of training classes (136, 482, 964 and
+  3,856 with rotations) and the batch (32, 128, 512).
+* ``drift``  -- a larger learning rate (more drift between a queued embedding and its sample now):
+  queue 0 and 32k with and without compensation, and Fig. 5a there.
+
+Every part is paired by seed: the arms of a seed differ only in the queue and compensation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from broadface.study.runs import RunSpec
+
+QUEUES = (0, 1024, 4096, 8192, 16384, 32768)
+
+
+@dataclass
+class StudyConfig:
+    """Sizes of the study; :meth:`quick` is a few-minute smoke version of the same plan."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 1500
+    queues: tuple[int, ...] = QUEUES
+    warm_steps: int = 300
+    warm_arm_steps: int = 1200
+    regime_classes: tuple[int | str | None, ...] = (136, 482, None, "rot")  # None: all 964; "rot": 3,856 rotated
+    regime_batches: tuple[int, ...] = (32, 128, 512)
+    regime_steps: int = 1000
+    regime_queue: int = 8192
+    drift_lr: float = 0.3
+    drift_queues: tuple[int, ...] = (0, 32768)
+    curve_every: int = 150
+    parts: tuple[str, ...] = ("sweep", "warm", "regime", "drift")
+    base: RunSpec = field(default_factory=lambda: RunSpec(part="", seed=0))
+
+    @classmethod
+    def quick(cls) -> StudyConfig:
+        return cls(seeds=(0,), steps=60, queues=(0, 1024, 4096), warm_steps=20, warm_arm_steps=40,
+                   regime_classes=(136, None), regime_batches=(32, 128), regime_steps=40, regime_queue=1024,
+                   drift_queues=(0, 1024), curve_every=20)
+
+
+def _arms(base: RunSpec, queues: tuple[int, ...]) -> list[RunSpec]:
+    """Queue 0 once, every other queue with and without compensation."""
+    out = []
+    for q in queues:
+        out += [replace(base, queue=q)]
+        if q:
+            out += [replace(base, queue=q, compensate=False)]
+    return out
+
+
+def sweep(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    base = replace(sc.base, part="sweep", seed=seed, steps=sc.steps)
+    largest = max(sc.queues)
+    out = []
+    for s in _arms(base, sc.queues):
+        if s.compensate and s.queue in (0, 8192 if 8192 in sc.queues else largest):
+            s = replace(s, eval_every=sc.curve_every)
+        if s.compensate and s.queue == largest:
+            s = replace(s, error_steps=(int(0.8 * sc.steps), sc.steps))
+        out.append(s)
+    return out
+
+
+def warm(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    base = replace(sc.base, part="warm", seed=seed, steps=sc.warm_arm_steps, warm_steps=sc.warm_steps)
+    return _arms(base, sc.queues)
+
+
+def regime(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    out = []
+    for classes in sc.regime_classes:
+        rot = classes == "rot"
+        for batch in sc.regime_batches:
+            base = replace(sc.base, part="regime", seed=seed, steps=sc.regime_steps, batch=batch,
+                           classes=None if rot else classes, rotations=4 if rot else 1)
+            out += [base, replace(base, queue=sc.regime_queue)]
+    return out
+
+
+def drift(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    base = replace(sc.base, part="drift", seed=seed, steps=sc.steps, lr=sc.drift_lr)
+    largest = max(sc.drift_queues)
+    return [replace(s, error_steps=(int(0.8 * sc.steps), sc.steps)) if s.compensate and s.queue == largest else s
+            for s in _arms(base, sc.drift_queues)]
+
+
+PARTS = {"sweep": sweep, "warm": warm, "regime": regime, "drift": drift}
+
+
+def plan(sc: StudyConfig) -> list[RunSpec]:
+    """Every run of the study, seed-major so that finished seeds complete whole pairs early."""
+    return [s for seed in sc.seeds for part in sc.parts for s in PARTS[part](sc, seed)]
