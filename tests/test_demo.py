@@ -1,36 +1,72 @@
 """The demo end to end: a micro configuration by default, the real ``--quick`` run as a slow test."""
+import csv
 import json
 
+import numpy as np
 import pytest
 
 from broadface.cli.main import main
 from broadface.demo import DemoConfig, run_demo
 
+MICRO = dict(seeds=[0, 1], omniglot_steps=6, omniglot_queue=64, omniglot_batch=16, omniglot_classes=40,
+             omniglot_test_classes=30, omniglot_width=8, omniglot_dim=16, curve_points=2, warm_steps=3, steps=3,
+             queue_size=64, batch_size=16, eval_every=100, lfw_pairs=100, test_identities=12, model="tinycnn",
+             input_size=28, embedding_size=32, progress=False)
+
 
 def _check(summary, out):
-    res = summary["results"]
-    assert set(res) == {"ArcFace", "BroadFace"}
-    assert res["ArcFace"]["queue_size"] == 0 and res["BroadFace"]["queue_size"] > 0
-    for r in res.values():
-        assert 0.0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1.0
-        assert 0.4 <= r["lfw_accuracy"] <= 1.0  # a k-fold threshold can't do much worse than chance
-    assert json.loads((out / "results.json").read_text())["results"] == json.loads(json.dumps(res))
-    for name in ("learning_curves.png", "roc_lfw.png"):
+    om = summary["omniglot"]
+    assert set(om["arms"]) == {"ArcFace", "BroadFace"}
+    assert om["arms"]["ArcFace"]["queue"] == 0 and om["arms"]["BroadFace"]["queue"] > 0
+    seeds = [str(s) for s in om["seeds"]]
+    for arm in om["arms"].values():
+        assert sorted(arm["runs"]) == sorted(seeds)
+        for r in arm["runs"].values():
+            assert 0.0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1.0
+    # the paired difference is the mean over seeds of BroadFace − ArcFace (recomputed here)
+    diffs = [om["arms"]["BroadFace"]["runs"][s]["recall@1"] - om["arms"]["ArcFace"]["runs"][s]["recall@1"]
+             for s in seeds]
+    d = om["paired_difference"]["recall@1"]
+    assert d["diffs"] == pytest.approx(diffs) and d["mean"] == pytest.approx(np.mean(diffs))
+    assert d["std"] == pytest.approx(np.std(diffs, ddof=1)) and d["se"] == pytest.approx(d["std"] / np.sqrt(2))
+    # paired seeds: same initialisation and first batch in both arms, and an empty queue at step 1,
+    # so the first mini-batch loss of a seed is the same in both arms (a different seed would change it)
+    for s in seeds:
+        first = [om["arms"][a]["runs"][s]["losses"][0] for a in ("ArcFace", "BroadFace")]
+        assert first[0][0] == first[1][0] == 1 and first[0][1] == pytest.approx(first[1][1], rel=1e-6)
+    assert len({om["arms"]["ArcFace"]["runs"][s]["losses"][0][1] for s in seeds}) == len(seeds)  # seeds differ
+    fa = summary["faces"]["arms"]
+    for r in fa.values():
+        assert 0.0 <= r["recall@1"] <= r["recall@8"] <= 1.0
+    rows = {a: next(csv.DictReader((out / "faces" / a / "train.csv").open())) for a in ("arcface", "broadface")}
+    assert rows["arcface"]["step"] == rows["broadface"]["step"] == "1"
+    assert float(rows["arcface"]["batch_loss"]) == pytest.approx(float(rows["broadface"]["batch_loss"]), rel=1e-5)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["omniglot"]["paired_difference"] == json.loads(json.dumps(om["paired_difference"]))
+    for name in ("learning_curves_omniglot.png", "learning_curves_faces.png", "roc_lfw.png"):
         assert (out / name).stat().st_size > 1000
 
 
-def test_demo_micro(tmp_path):
-    cfg = DemoConfig(output=str(tmp_path), warm_steps=3, steps=3, queue_size=64, batch_size=16, eval_every=100,
-                     lfw_pairs=100, test_identities=12, input_size=28, embedding_size=32, progress=False)
-    summary = run_demo(cfg)
+def test_demo_micro(tmp_path, root, capsys):
+    summary = run_demo(DemoConfig(output=str(tmp_path), **MICRO))
     _check(summary, tmp_path)
-    # both arms start from the same warm start and see the same data: identical first logged loss
-    base, bf = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("arcface", "broadface"))
-    assert base["config"]["train"]["init"] == bf["config"]["train"]["init"]
+    table = capsys.readouterr().out
+    assert "paired BroadFace − ArcFace, Recall@1" in table and "Omniglot: 40 classes" in table
+
+
+def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path, root, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["demo", "--quick", "--output", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "results.json" in err and "Traceback" not in err
+    assert (tmp_path / "results.json").read_text() == "{}"
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--output", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_demo_quick_cli(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(tmp_path), "--no-progress"]) == 0
-    assert "BroadFace" in capsys.readouterr().out
+    assert "paired BroadFace − ArcFace" in capsys.readouterr().out
     _check(json.loads((tmp_path / "results.json").read_text()), tmp_path)

@@ -1,34 +1,51 @@
-"""The demo: ArcFace vs BroadFace from the same warm start, on real faces, on a CPU.
+"""The demo: ArcFace vs BroadFace on real data, on a CPU, in two tracks (protocol also in the README).
 
-Protocol (also in the README):
-1. Warm start: a normalised-softmax model is trained on the 149 *training* identities
-   of CelebA-299 (identities sorted by numeric id, the first 149), as the paper
-   warm-starts BroadFace from a softmax-trained model.
-2. Two arms continue from that checkpoint with the same seed, data order, learning
-   rate and step budget: plain ArcFace (queue 0) and BroadFace (ArcFace + a
-   compensated queue). Nothing is tuned for one arm alone.
-3. Both are evaluated on identities never seen in training: Recall@1/2/4/8 over
-   the 150 test identities of CelebA-299 (every image queries all others), and LFW 10-fold verification accuracy on the View-2 pairs (flip TTA).
-   CelebA identities are anonymous ids, so an overlap of people between CelebA-299's
-   training identities and LFW cannot be ruled out; none of LFW's images is trained on.
+1. **Many classes** (where BroadFace is meant to work): full Omniglot from scratch, the 964 background
+   characters (a batch of 128 shows ~13 % of them), ArcFace with and without a compensated queue of
+   8,192 embeddings, same seed ⇒ same initialisation and data order, for each of several seeds;
+   Recall@1/2/4/8 on the 659 unseen evaluation characters; the paired difference over seeds.
+   Each arm is one run of the study's ``sweep`` part (:mod:`broadface.study`).
+2. **Faces** (few classes): a normalised-softmax warm start on CelebA-299's 149 training identities,
+   then ArcFace and BroadFace (queue 2,048) from it with the same seed, data order and budget;
+   Recall@K on the 150 unseen CelebA-299 identities and LFW 10-fold accuracy (6,000 View-2 pairs).
+   Every class is in almost every batch here, so the queue has little to add (one seed: no effect is
+   claimed either way). CelebA identities are anonymous, so people shared with LFW cannot be ruled out;
+   no LFW image is trained on.
 """
 from __future__ import annotations
 
-import json
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from broadface.fileio import atomic_write_json
 from broadface.paths import data_root as find_data_root
+
+KS = (1, 2, 4, 8)
 
 
 @dataclass
 class DemoConfig:
-    """Sizes chosen so the full demo fits in about 10 minutes on 2 CPU cores."""
+    """Sizes chosen so the full demo fits in about 20 minutes on 2 CPU cores."""
 
     data_root: str | None = None
     output: str = "runs/demo"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    progress: bool = True
+    # many-class track (Omniglot)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    omniglot_steps: int = 1500
+    omniglot_queue: int = 8192
+    omniglot_batch: int = 128
+    omniglot_classes: int | None = None  # None: all 964 (fewer: smoke tests)
+    omniglot_test_classes: int | None = None  # None: all 659 unseen characters (fewer: smoke tests)
+    omniglot_width: int = 32
+    omniglot_dim: int = 128
+    curve_points: int = 5  # Recall@1 evaluations during the first seed's runs (learning curves)
+    # face track (CelebA-299 -> LFW)
+    faces: bool = True
     model: str = "iresnet"
     layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     base_width: int = 32  # half the usual iResNet width: ~0.11 GMAC per 56x56 face
@@ -43,17 +60,63 @@ class DemoConfig:
     eval_every: int = 100
     lfw_pairs: int | None = None  # None: all 6,000 View-2 pairs
     test_identities: int | None = None  # None: all 150 unseen CelebA-299 identities (fewer: smoke tests)
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0  # of the face track
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
-        """About 2 minutes: fewer steps, 1,200 LFW pairs (still 10 folds)."""
-        base = dict(warm_steps=80, steps=50, queue_size=1024, eval_every=50, lfw_pairs=1200)
+        """About 3 minutes: two seeds of short Omniglot runs, a short face track on 1,200 LFW pairs."""
+        base = dict(seeds=[0, 1], omniglot_steps=200, omniglot_queue=4096, curve_points=2, warm_steps=60,
+                    steps=40, queue_size=1024, eval_every=40, lfw_pairs=1200)
         return cls(**{**base, **kw})
 
 
-def _train_config(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int, init: str | None):
+def _say(cfg: DemoConfig, text: str) -> None:
+    if cfg.progress:
+        print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------- many classes: Omniglot
+
+
+def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
+    """ArcFace vs BroadFace from scratch on full Omniglot, per seed; the paired difference."""
+    from broadface.metrics.paired import paired_difference
+    from broadface.study.report import expected_classes_per_batch
+    from broadface.study.runs import RunSpec, run, train_set
+
+    base = RunSpec(part="demo", seed=0, steps=cfg.omniglot_steps, batch=cfg.omniglot_batch,
+                   classes=cfg.omniglot_classes, test_classes=cfg.omniglot_test_classes, width=cfg.omniglot_width,
+                   dim=cfg.omniglot_dim)
+    arms: dict[str, dict[int, dict]] = {"ArcFace": {}, "BroadFace": {}}
+    for i, seed in enumerate(cfg.seeds):
+        every = max(1, cfg.omniglot_steps // cfg.curve_points) if i == 0 and cfg.curve_points else 0
+        for arm, queue in (("ArcFace", 0), ("BroadFace", cfg.omniglot_queue)):
+            spec = replace(base, seed=seed, queue=queue, eval_every=every)
+            _say(cfg, f"== many classes: {arm} (queue {queue}), seed {seed}, {spec.steps} steps × {spec.batch}")
+            arms[arm][seed] = run(spec, threads=cfg.threads)
+            _say(cfg, f"   Recall@1 {arms[arm][seed]['recall@1']:.4f} ({arms[arm][seed]['wall_s']:.0f} s)")
+    data = train_set(base)
+    per_batch = expected_classes_per_batch(data.class_counts(), cfg.omniglot_batch)
+    diff = {f"recall@{k}": asdict(paired_difference({s: r[f"recall@{k}"] for s, r in arms["BroadFace"].items()},
+                                                    {s: r[f"recall@{k}"] for s, r in arms["ArcFace"].items()}))
+            for k in KS}
+    return {"data": "Omniglot, train: 964 background characters, test: 659 evaluation characters (unseen)",
+            "classes": data.num_classes, "train_images": len(data), "batch": cfg.omniglot_batch,
+            "classes_per_batch": per_batch, "seeds": list(cfg.seeds),
+            "arms": {arm: {"queue": 0 if arm == "ArcFace" else cfg.omniglot_queue,
+                           "runs": {str(s): _slim(r) for s, r in by_seed.items()}} for arm, by_seed in arms.items()},
+            "paired_difference": diff}
+
+
+def _slim(record: dict) -> dict:
+    keep = ("train_s", "wall_s", "step_ms", "fill", "curve", "losses", *(f"recall@{k}" for k in KS))
+    return {k: record[k] for k in keep}
+
+
+# ----------------------------------------------------------------------------- few classes: faces
+
+
+def _face_config(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int, init: str | None):
     from broadface.train.config import Config
 
     c = Config()
@@ -69,7 +132,7 @@ def _train_config(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int,
     c.schedule.warmup_steps = steps // 10 if init is None else 0
     c.schedule.milestones = [int(steps * 0.75)]
     c.train.steps, c.train.batch_size, c.train.seed = steps, cfg.batch_size, cfg.seed
-    c.train.output = str(Path(cfg.output) / name)
+    c.train.output = str(Path(cfg.output) / "faces" / name)
     c.train.log_every = max(1, steps // 20)
     c.train.checkpoint_every = 0
     c.train.eval_every = cfg.eval_every if init is not None else 0
@@ -89,89 +152,134 @@ def _val_set(cfg: DemoConfig):
 
 
 def _fit(cfg: DemoConfig, name: str, steps: int, lr: float, queue: int, init: str | None):
+    import torch
+
     from broadface.train.trainer import Trainer
 
-    if cfg.progress:
-        print(f"\n== {name}: {steps} steps, lr {lr}, queue {queue}" + (f", warm start {init}" if init else ""))
-    trainer = Trainer(_train_config(cfg, name, steps, lr, queue, init), val_set=_val_set(cfg),
-                      progress=cfg.progress)
+    torch.set_num_threads(cfg.threads)
+    _say(cfg, f"== faces: {name}: {steps} steps, lr {lr}, queue {queue}" + (f", warm start {init}" if init else ""))
+    trainer = Trainer(_face_config(cfg, name, steps, lr, queue, init), val_set=_val_set(cfg), progress=cfg.progress)
     t0 = time.perf_counter()
     result = trainer.fit()
     return trainer, result, time.perf_counter() - t0
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Train warm start + both arms, evaluate, write ``results.json`` and plots; return the results."""
+def face_track(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Warm start + both arms on CelebA-299, evaluated on unseen CelebA identities and LFW."""
     from broadface.eval.verification import evaluate_pairs, lfw_pair_set
+    from broadface.study.report import expected_classes_per_batch
 
-    root = find_data_root(cfg.data_root)
-    cfg.data_root = str(root)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    wall0 = time.perf_counter()
+    root = Path(cfg.data_root)
     pairs = lfw_pair_set(root / "lfw" / "pairs.txt", root / "lfw" / "aligned-112x112").subset(cfg.lfw_pairs)
-
     _, warm, warm_s = _fit(cfg, "warmstart_softmax", cfg.warm_steps, cfg.warm_lr, 0, None)
-    arms = {"ArcFace": 0, "BroadFace": cfg.queue_size}
-    results: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    for arm, queue in arms.items():
+    arms, curves = {}, {}
+    for arm, queue in (("ArcFace", 0), ("BroadFace", cfg.queue_size)):
         trainer, res, secs = _fit(cfg, arm.lower(), cfg.steps, cfg.lr, queue, str(warm.checkpoint))
         ret = res.evals[-1]  # the trainer's final evaluation on the unseen identities (flip TTA)
         ver = evaluate_pairs(trainer.model, pairs, folds=10, flip=True)
-        results[arm] = {"queue_size": queue, "train_seconds": round(secs, 1),
-                        "samples_per_s": res.summary.get("samples_per_s"),
-                        **{f"recall@{k}": ret[f"val_recall@{k}"] for k in (1, 2, 4, 8)},
-                        "lfw_accuracy": ver["accuracy"], "lfw_accuracy_std": ver["accuracy_std"],
-                        "lfw_pairs": ver["pairs"]}
-        curves[arm] = {"batch_loss": res.metric("batch_loss"), "union_loss": res.metric("union_loss"),
-                       "recall@1": res.metric("val_recall@1"), "scores": ver["scores"], "issame": ver["issame"]}
-    summary = {"protocol": "train: CelebA-299 identities 1-149; test: CelebA-299 identities 150-299 (Recall@K), "
-                           "LFW View-2 pairs (10-fold accuracy)",
-               "config": asdict(cfg), "warm_start_seconds": round(warm_s, 1), "results": results,
-               "wall_seconds": round(time.perf_counter() - wall0, 1)}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    summary["plots"] = [str(p) for p in _plots(curves, out)]
-    print_table(summary)
+        arms[arm] = {"queue": queue, "train_s": round(secs, 1), **{f"recall@{k}": ret[f"val_recall@{k}"] for k in KS},
+                     "lfw_accuracy": ver["accuracy"], "lfw_accuracy_std": ver["accuracy_std"]}
+        curves[arm] = {"recall@1": res.metric("val_recall@1"), "scores": ver["scores"], "issame": ver["issame"]}
+        counts = trainer.train_set.class_counts()
+    return ({"data": "CelebA-299: train 149 identities, test the other 150 (unseen); LFW View-2 pairs",
+             "classes": int(len(counts)), "train_images": int(counts.sum()), "batch": cfg.batch_size,
+             "classes_per_batch": expected_classes_per_batch(counts, cfg.batch_size), "seed": cfg.seed,
+             "warm_start_s": round(warm_s, 1), "lfw_pairs": len(pairs), "arms": arms}, curves)
+
+
+# ----------------------------------------------------------------------------- the whole demo
+
+
+OUTPUTS = ("results.json", "faces", "learning_curves_omniglot.png", "learning_curves_faces.png", "roc_lfw.png")
+
+
+def prepare_output(cfg: DemoConfig, overwrite: bool = False) -> Path:
+    """Check ``cfg.output`` before any work: a file, an unwritable folder or an earlier demo's results
+    (unless ``overwrite``, which removes just those) is an error naming the path."""
+    import shutil
+
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out} is a file, expected a folder")
+    found = [out / n for n in OUTPUTS if (out / n).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"--output {out} holds the results of an earlier demo ({found[0].name}); "
+                              "pass --overwrite to replace them or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {out} is not writable")
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return out
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Both tracks; writes ``results.json`` and the plots under ``cfg.output``; returns the results."""
+    cfg.data_root = str(find_data_root(cfg.data_root))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    summary: dict[str, Any] = {"config": asdict(cfg), "omniglot": omniglot_track(cfg)}
+    face_curves = None
+    if cfg.faces:
+        summary["faces"], face_curves = face_track(cfg)
+    summary["wall_s"] = round(time.perf_counter() - wall0, 1)
+    summary["plots"] = [str(p) for p in _plots(summary, face_curves, out)]
+    atomic_write_json(out / "results.json", summary)
+    print(format_table(summary))
     return summary
 
 
-def _plots(curves: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
+def _plots(summary: dict[str, Any], face_curves: dict | None, out: Path) -> list[Path]:
+    from broadface.eval.plots import plot_learning_curves, plot_roc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from broadface.eval.plots import plot_roc
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for arm, c in curves.items():
-        for ax, key in zip(axes, ("batch_loss", "recall@1")):
-            pts = c[key]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=arm)
-    for ax, title in zip(axes, ("mini-batch loss L(X)", "Recall@1, unseen CelebA identities")):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(True, linestyle=":", linewidth=0.5)
-        ax.legend()
-    fig.tight_layout()
-    curves_png = out / "learning_curves.png"
-    fig.savefig(curves_png, dpi=120)
-    plt.close(fig)
-    roc_png = plot_roc({arm: {"scores": c["scores"], "issame": c["issame"]} for arm, c in curves.items()},
-                       out / "roc_lfw.png", title="LFW View-2 pairs", far_range=(1e-3, 1.0))
-    return [curves_png, roc_png]
+    om = summary["omniglot"]["arms"]
+    seed0 = str(summary["omniglot"]["seeds"][0])
+    series = {f"Omniglot Recall@1, {arm}": om[arm]["runs"][seed0]["curve"] for arm in om}
+    series.update({f"Omniglot L(X), {arm}": [(s, b) for s, b, _ in om[arm]["runs"][seed0]["losses"]] for arm in om})
+    made = [plot_learning_curves(series, out / "learning_curves_omniglot.png",
+                                 title=f"Many classes (Omniglot), seed {seed0}")]
+    if face_curves:
+        made.append(plot_learning_curves({f"CelebA Recall@1, {a}": c["recall@1"] for a, c in face_curves.items()},
+                                         out / "learning_curves_faces.png", title="Faces (CelebA-299)"))
+        made.append(plot_roc({a: {"scores": c["scores"], "issame": c["issame"]} for a, c in face_curves.items()},
+                             out / "roc_lfw.png", title="LFW View-2 pairs", far_range=(1e-3, 1.0)))
+    return made
 
 
-def print_table(summary: dict[str, Any]) -> None:
-    res = summary["results"]
-    print(f"\n{summary['protocol']}")
-    print(f"{'method':<10} {'queue':>6} {'R@1':>6} {'R@2':>6} {'R@4':>6} {'R@8':>6} "
-          f"{'LFW acc':>16} {'train s':>8}")
-    for arm, r in res.items():
-        lfw = f"{100 * r['lfw_accuracy']:.2f} ± {100 * r['lfw_accuracy_std']:.2f}%"
-        print(f"{arm:<10} {r['queue_size']:>6} {r['recall@1']:>6.3f} {r['recall@2']:>6.3f} {r['recall@4']:>6.3f} "
-              f"{r['recall@8']:>6.3f} {lfw:>16} {r['train_seconds']:>8.1f}")
-    print(f"LFW pairs: {next(iter(res.values()))['lfw_pairs']}; wall time {summary['wall_seconds']:.0f} s; "
-          f"plots: {', '.join(summary.get('plots', []))}")
+def _pm(values: list[float]) -> str:
+    import numpy as np
+
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The demo's one table: regime, Recall@K per arm, the paired difference, LFW, time per arm."""
+    om = summary["omniglot"]
+    lines = [f"{'track':<12} {'method':<10} {'queue':>6} {'R@1':>14} {'R@2':>6} {'R@4':>6} {'R@8':>6} "
+             f"{'LFW acc':>16} {'s/arm':>7}"]
+    regime = (f"Omniglot: {om['classes']} classes, {om['classes_per_batch']:.0f} per batch of {om['batch']} "
+              f"({100 * om['classes_per_batch'] / om['classes']:.0f} %), {len(om['seeds'])} seeds (mean ± sd)")
+    for arm, a in om["arms"].items():
+        runs = list(a["runs"].values())
+        r = {k: _pm([x[f"recall@{k}"] for x in runs]) for k in KS}
+        secs = sum(x["wall_s"] for x in runs) / len(runs)
+        lines.append(f"{'many-class':<12} {arm:<10} {a['queue']:>6} {r[1]:>14} {r[2].split(' ')[0]:>6} "
+                     f"{r[4].split(' ')[0]:>6} {r[8].split(' ')[0]:>6} {'–':>16} {secs:>7.0f}")
+    d = om["paired_difference"]["recall@1"]
+    spread = "" if d["se"] is None else f" ± {100 * d['se']:.2f} (standard error)"
+    lines.append(f"{'':<12} paired BroadFace − ArcFace, Recall@1: {100 * d['mean']:+.2f}{spread} points over "
+                 f"seeds {list(d['seeds'])}: " + ", ".join(f"{100 * x:+.2f}" for x in d["diffs"]))
+    lines.append(f"{'':<12} {regime}")
+    if "faces" in summary:
+        fa = summary["faces"]
+        for arm, a in fa["arms"].items():
+            lfw = f"{100 * a['lfw_accuracy']:.2f} ± {100 * a['lfw_accuracy_std']:.2f}%"
+            lines.append(f"{'faces':<12} {arm:<10} {a['queue']:>6} {a['recall@1']:>14.3f} {a['recall@2']:>6.3f} "
+                         f"{a['recall@4']:>6.3f} {a['recall@8']:>6.3f} {lfw:>16} {a['train_s']:>7.0f}")
+        lines.append(f"{'':<12} CelebA-299: {fa['classes']} classes, {fa['classes_per_batch']:.0f} per batch of "
+                     f"{fa['batch']} ({100 * fa['classes_per_batch'] / fa['classes']:.0f} %), one seed "
+                     f"(warm start {fa['warm_start_s']:.0f} s); LFW: {fa['lfw_pairs']} pairs, 10 folds")
+    lines.append(f"wall time {summary['wall_s']:.0f} s; plots: {', '.join(summary['plots'])}")
+    return "\n".join(lines)

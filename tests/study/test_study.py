@@ -55,7 +55,7 @@ def test_expected_classes_per_batch_matches_sampling():
 
 def test_micro_study_end_to_end(tmp_path, root):
     """Two paired arms and a warm start on the real data, then the report renders from the JSON alone."""
-    base = RunSpec(part="sweep", seed=0, classes=40, batch=16, steps=6, width=8, dim=16, eval_every=3,
+    base = RunSpec(part="sweep", seed=0, classes=40, test_classes=30, batch=16, steps=6, width=8, dim=16, eval_every=3,
                    error_steps=(6,), error_stride=1)
     arms = [replace(base, eval_every=0, error_steps=()), replace(base, queue=64),
             replace(base, queue=64, compensate=False, eval_every=0, error_steps=())]

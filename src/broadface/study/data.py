@@ -5,8 +5,8 @@
   (``rotations=4``: 3,856 training classes), decoded once per process at ``size`` x ``size`` through
   the same transform ``broadface train`` uses (``EvalTransform``: no flip, handwriting is not
   mirror-symmetric), so a study run is a ``broadface train`` run on the same tensors.
-* :func:`class_subset` -- every k-th training class, for the regime map (fewer classes, same images
-  per class).
+* ``classes=`` / :func:`class_subset` -- every k-th class, for the regime map (fewer classes, same
+  images per class) and for fast tests.
 * :func:`evaluate` -- Recall@K on the unseen evaluation characters, every image querying all others.
 """
 from __future__ import annotations
@@ -41,33 +41,45 @@ class MemorySet(Dataset):
     def getitem(self, index: int, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         return self[index]
 
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels.numpy(), minlength=self.num_classes)
 
-def _decode(split: str, size: int, rotations: int, data_root: str | None) -> MemorySet:
+
+def _kept(num_total: int, num_classes: int | None) -> np.ndarray:
+    """Every k-th class index (k = total // num_classes), the first ``num_classes`` of them; None: all."""
+    if num_classes is None or num_classes == num_total:
+        return np.arange(num_total)
+    if not 0 < num_classes < num_total:
+        raise ValueError(f"num_classes must be in (0, {num_total}], got {num_classes}")
+    return np.arange(0, num_total, num_total // num_classes)[:num_classes]
+
+
+@lru_cache(maxsize=4)
+def omniglot(split: str, size: int = 28, rotations: int = 1, classes: int | None = None,
+             data_root: str | None = None) -> MemorySet:
+    """One split of full Omniglot in memory, optionally only every k-th class (relabelled 0..classes-1);
+    only the kept images are decoded. Cached per process: treat it as read-only."""
     from broadface.data import open_dataset
     from broadface.data.transforms import EvalTransform
 
     ds = open_dataset("omniglot", split, transform=EvalTransform(size), data_root=data_root, rotations=rotations)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return MemorySet(images, torch.tensor(ds.targets), ds.classes)
-
-
-@lru_cache(maxsize=4)
-def omniglot(split: str, size: int = 28, rotations: int = 1, data_root: str | None = None) -> MemorySet:
-    """One split of full Omniglot in memory (cached per process: treat it as read-only)."""
-    return _decode(split, size, rotations, data_root)
+    keep = _kept(ds.num_classes, classes)
+    new = np.full(ds.num_classes, -1)
+    new[keep] = np.arange(len(keep))
+    targets = np.asarray(ds.targets)
+    idx = np.flatnonzero(new[targets] >= 0)
+    images = torch.stack([ds[int(i)][0] for i in idx])
+    return MemorySet(images, torch.from_numpy(new[targets[idx]]), [ds.classes[i] for i in keep])
 
 
 def class_subset(data: MemorySet, num_classes: int | None) -> MemorySet:
-    """Every k-th class of ``data`` (k = C // num_classes, the first ``num_classes`` of those),
-    relabelled 0..num_classes-1; ``None`` or all classes returns ``data`` itself."""
-    total = data.num_classes
-    if num_classes is None or num_classes == total:
+    """Every k-th class of ``data`` (as :func:`omniglot` keeps them), relabelled 0..num_classes-1;
+    ``None`` or all classes returns ``data`` itself."""
+    if num_classes is None or num_classes == data.num_classes:
         return data
-    if not 0 < num_classes < total:
-        raise ValueError(f"num_classes must be in (0, {total}], got {num_classes}")
-    keep = np.arange(0, total, total // num_classes)[:num_classes]
-    new = torch.full((total,), -1, dtype=torch.long)
-    new[torch.from_numpy(keep)] = torch.arange(num_classes)
+    keep = _kept(data.num_classes, num_classes)
+    new = torch.full((data.num_classes,), -1, dtype=torch.long)
+    new[torch.from_numpy(keep)] = torch.arange(len(keep))
     mask = new[data.labels] >= 0
     return MemorySet(data.images[mask], new[data.labels[mask]], [data.classes[i] for i in keep])
 

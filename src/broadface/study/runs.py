@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from broadface.study.data import class_subset, evaluate, omniglot
+from broadface.study.data import evaluate, omniglot
 
 PAIR_FIELDS = ("queue", "compensate")  # what differs between the arms of a pair
 
@@ -30,6 +30,7 @@ class RunSpec:
     queue: int = 0
     compensate: bool = True
     classes: int | None = None  # None: every training class (964, or 3,856 with rotations=4)
+    test_classes: int | None = None  # None: all 659 evaluation characters (fewer: fast tests)
     rotations: int = 1
     batch: int = 128
     steps: int = 1500
@@ -96,7 +97,7 @@ def train_config(spec: RunSpec, init: str | None):
 
 
 def train_set(spec: RunSpec):
-    return class_subset(omniglot("train", spec.size, spec.rotations), spec.classes)
+    return omniglot("train", spec.size, spec.rotations, spec.classes)
 
 
 def _trainer(spec: RunSpec, init: str | None):
@@ -152,7 +153,7 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
     only), the queue fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state
     (a warm start's checkpoint for its arms)."""
     torch.set_num_threads(threads)
-    test = omniglot("test", spec.size, 1)
+    test = omniglot("test", spec.size, 1, spec.test_classes)
     tr = _trainer(spec, init)
     track = bool(spec.error_steps and spec.queue)
     curve, errors, losses = [], [], []
