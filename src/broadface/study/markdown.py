@@ -138,6 +138,8 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
               f"Each seed's arms start from one ArcFace model trained {c['warm_steps']} steps without a queue "
               f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps.", "",
               arm_table(data, "warm"), "", *img("warm", "warm-start sweep")]
+    parts += [f"Fine-tuned instead, from the same warm start at lr {c['finetune_lr']:g} (× 0.1 at 80 %):", "",
+              arm_table(data, "finetune"), ""]
     parts += ["## 3. Regime map: when does the queue pay?", "",
               f"Queue {c['regime_queue']} against none, {c['regime_steps']} steps at every batch size, over the "
               "number of training classes and the batch. `distinct classes per batch` is the expected number of "

@@ -3,7 +3,10 @@
 * ``sweep``  -- from scratch on the 964 background characters, batch 128: queue 0 / 1k / 4k / 8k / 16k /
   32k, each with and without compensation; learning curves for queue 0 and 8k; the paper's Fig. 5a
   (compensation error against entry age) in the 32k arm, before and after the learning-rate drop.
-* ``warm``   -- the same queues from a shared warm start (ArcFace, no queue) per seed.
+* ``warm``   -- the same queues from a shared warm start (ArcFace, no queue) per seed, trained on at the
+  warm start's learning rate (then × 0.1), so the queue has a long schedule to act in.
+* ``finetune`` -- the same warm start fine-tuned at a tenth of that learning rate (the paper fine-tunes a
+  converged model at a small learning rate): queue 0 vs 8k.
 * ``regime`` -- the regime map: queue 0 vs 8k over the number of training classes (136, 482, 964 and
   3,856 with rotations) and the batch (32, 128, 512).
 * ``drift``  -- a larger learning rate (more drift between a queued embedding and its sample now):
@@ -29,6 +32,8 @@ class StudyConfig:
     queues: tuple[int, ...] = QUEUES
     warm_steps: int = 300
     warm_arm_steps: int = 1200
+    finetune_lr: float = 0.01
+    finetune_queues: tuple[int, ...] = (0, 8192)
     regime_classes: tuple[int | str | None, ...] = (136, 482, None, "rot")  # None: all 964; "rot": 3,856 rotated
     regime_batches: tuple[int, ...] = (32, 128, 512)
     regime_steps: int = 1000
@@ -36,12 +41,13 @@ class StudyConfig:
     drift_lr: float = 0.3
     drift_queues: tuple[int, ...] = (0, 32768)
     curve_every: int = 150
-    parts: tuple[str, ...] = ("sweep", "warm", "regime", "drift")
+    parts: tuple[str, ...] = ("sweep", "warm", "finetune", "regime", "drift")
     base: RunSpec = field(default_factory=lambda: RunSpec(part="", seed=0))
 
     @classmethod
     def quick(cls) -> StudyConfig:
         return cls(seeds=(0,), steps=60, queues=(0, 1024, 4096), warm_steps=20, warm_arm_steps=40,
+                   finetune_queues=(0, 1024),
                    regime_classes=(136, None), regime_batches=(32, 128), regime_steps=40, regime_queue=1024,
                    drift_queues=(0, 1024), curve_every=20)
 
@@ -74,6 +80,12 @@ def warm(sc: StudyConfig, seed: int) -> list[RunSpec]:
     return _arms(base, sc.queues)
 
 
+def finetune(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    base = replace(sc.base, part="finetune", seed=seed, steps=sc.warm_arm_steps, warm_steps=sc.warm_steps,
+                   lr=sc.finetune_lr)
+    return [replace(base, queue=q) for q in sc.finetune_queues]
+
+
 def regime(sc: StudyConfig, seed: int) -> list[RunSpec]:
     out = []
     for classes in sc.regime_classes:
@@ -92,7 +104,7 @@ def drift(sc: StudyConfig, seed: int) -> list[RunSpec]:
             for s in _arms(base, sc.drift_queues)]
 
 
-PARTS = {"sweep": sweep, "warm": warm, "regime": regime, "drift": drift}
+PARTS = {"sweep": sweep, "warm": warm, "finetune": finetune, "regime": regime, "drift": drift}
 
 
 def plan(sc: StudyConfig) -> list[RunSpec]:
