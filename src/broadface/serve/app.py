@@ -1,0 +1,174 @@
+"""The HTTP JSON API (FastAPI) over :class:`broadface.serve.service.FaceService`, and the page at ``/``.
+
+Every client error is a 4xx JSON ``{"detail": "<one line naming the field or file>"}``: service
+errors (:mod:`broadface.serve.errors`), request validation (a missing field, malformed JSON, a
+value of the wrong type), an unknown route, a body over the size limit (refused from its
+``Content-Length`` before it is read, or as soon as a chunked body passes the limit). Writes
+need ``X-API-Key`` when the service has a key. OpenAPI: ``/openapi.json``, ``/docs``.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from importlib import resources
+from typing import Literal
+
+from fastapi import Body, Depends, FastAPI, File, Form, Header, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broadface.serve.errors import ServeError, Unauthorized
+from broadface.serve.service import FaceService, Upload, parse_metadata
+
+log = logging.getLogger("broadface.serve")
+AlignField = Literal["auto", "yes", "no"]
+_ALIGN_HELP = "auto: 112x112 squares are aligned crops, other images are detected and aligned; yes: always; no: never"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes`` (declared or counted while streaming)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = f"request body over the limit of {self.max_bytes} bytes"
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status = 413 if declared.isdigit() else 400
+            response = JSONResponse({"detail": too_big if status == 413 else "malformed Content-Length header"},
+                                    status_code=status, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, too_big)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _read(files: list[UploadFile], limit: int) -> list[Upload]:
+    """The uploads' bytes (at most ``limit + 1`` read from each: the reader refuses what is over)."""
+    return [Upload(f.filename or f"upload {i + 1}", f.file.read(limit + 1)) for i, f in enumerate(files)]
+
+
+def _error_text(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", character position)
+            where = e.get("loc", ("body", "?"))[-1]
+            parts.append(f"body: malformed JSON ({e.get('ctx', {}).get('error', 'decode error')} at character "
+                         f"{where}); expected a JSON object")
+            continue
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(_request, err: ServeError):
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, err: RequestValidationError):
+        return JSONResponse({"detail": _error_text(err)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(_request, err: Exception):  # a bug, not bad input: logged with its traceback
+        log.exception("internal error")
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}): {err}"}, status_code=500)
+
+
+def create_app(service: FaceService) -> FastAPI:
+    """The FastAPI application for one service."""
+    config = service.config
+    app = FastAPI(title="broadface face search", version="1",
+                  description="Enrol faces under identities, search and verify them with one broadface model.")
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    _install_errors(app)
+    limit = config.max_image_bytes
+
+    def write_access(x_api_key: str | None = Header(None, description="needed for writes when the service has a key")):
+        if config.api_key is None:
+            return
+        if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), config.api_key.encode()):
+            raise Unauthorized("this write needs the service's API key in the X-API-Key header")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("broadface.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health", summary="Liveness and gallery size")
+    def health():
+        return {"status": "ok", **service.gallery.counts()}
+
+    @app.get("/model", summary="Model, threshold, index and limits")
+    def model_info():
+        return service.info()
+
+    @app.post("/identities/{name}/images", status_code=201, dependencies=[Depends(write_access)],
+              summary="Enrol images under an identity (created if new)")
+    def enrol(name: str, images: list[UploadFile] = File(..., description="one or more face images"),
+              metadata: str | None = Form(None, description="JSON object; replaces the identity's metadata"),
+              align: AlignField = Form("auto", description=_ALIGN_HELP)):
+        return service.enrol(name, _read(images, limit), metadata, align)
+
+    @app.post("/search", summary="Top-k identities for a face, with same/different decisions")
+    def search(image: UploadFile = File(...), top_k: int = Form(5), align: AlignField = Form("auto",
+               description=_ALIGN_HELP), threshold: float | None = Form(None), crop: bool = Form(False)):
+        return service.search(_read([image], limit)[0], top_k, align, threshold, crop)
+
+    @app.post("/verify", summary="Cosine similarity of two faces and a same/different decision")
+    def verify(image_a: UploadFile = File(...), image_b: UploadFile = File(...),
+               align: AlignField = Form("auto", description=_ALIGN_HELP), threshold: float | None = Form(None)):
+        a, b = _read([image_a, image_b], limit)
+        return service.verify(a, b, align, threshold)
+
+    @app.get("/identities", summary="List identities (by name, paged)")
+    def list_identities(offset: int = Query(0, ge=0), limit_: int = Query(100, ge=1, le=1000, alias="limit"),
+                        prefix: str = Query("")):
+        total, items = service.gallery.store.list_identities(offset, limit_, prefix)
+        return {"total": total, "offset": offset, "identities": items}
+
+    @app.get("/identities/{name}", summary="One identity with its images")
+    def get_identity(name: str):
+        return service.gallery.identity(name)
+
+    @app.patch("/identities/{name}", dependencies=[Depends(write_access)], summary="Replace an identity's metadata")
+    def set_metadata(name: str, metadata: dict = Body(..., embed=True)):
+        return service.gallery.set_metadata(name, parse_metadata(metadata))
+
+    @app.delete("/identities/{name}", dependencies=[Depends(write_access)], summary="Delete an identity and its images")
+    def delete_identity(name: str):
+        return service.gallery.delete_identity(name)
+
+    @app.get("/images/{image_id}", summary="One enrolled image's record")
+    def get_image(image_id: int):
+        found = service.gallery.store.image(image_id)
+        if found is None:
+            raise ServeError(f"unknown image id {image_id}", 404)
+        return found
+
+    @app.get("/images/{image_id}/crop", summary="The aligned crop of an enrolled image (JPEG)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def get_crop(image_id: int):
+        data = service.gallery.store.crop(image_id)
+        if data is None:
+            raise ServeError(f"unknown image id {image_id} (or it has no stored crop)", 404)
+        return Response(data, media_type="image/jpeg")
+
+    @app.delete("/images/{image_id}", dependencies=[Depends(write_access)], summary="Delete one enrolled image")
+    def delete_image(image_id: int):
+        return service.gallery.delete_image(image_id)
+
+    return app

@@ -1,0 +1,43 @@
+"""Start the service: load model and gallery, then serve the app with uvicorn until stopped."""
+from __future__ import annotations
+
+import sys
+
+from broadface.serve.config import ServeConfig
+
+
+def check_installed() -> None:
+    """ValueError saying how to install the ``serve`` extra when FastAPI / uvicorn are missing."""
+    missing = []
+    for module in ("fastapi", "uvicorn", "multipart"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ValueError(f"serving needs {', '.join(missing)}: pip install 'broadface[serve]'")
+
+
+def serve(config: ServeConfig) -> None:
+    """Blocking: run ``broadface serve`` with ``config`` (SIGINT / SIGTERM stop it cleanly)."""
+    check_installed()
+    import uvicorn
+
+    from broadface.serve.app import create_app
+    from broadface.serve.service import FaceService
+
+    service = FaceService.open(config)
+    try:
+        info = service.info()
+        counts, model, index = info["gallery"], info["model"], info["index"]
+        print(f"broadface serve: model {model['file']} ({model['kind']}, {model['dim']}-d, sha256 "
+              f"{model['fingerprint'][:12]}), gallery {config.gallery}: {counts['identities']} identities, "
+              f"{counts['images']} images, index {index['kind']}; threshold {config.threshold:.4f} "
+              f"({config.threshold_source})", file=sys.stderr, flush=True)
+        if not config.loopback and config.api_key is None:
+            print(f"broadface serve: warning: listening on {config.host} without an API key: anyone who can "
+                  "reach this address can enrol and delete", file=sys.stderr, flush=True)
+        uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="info",
+                    timeout_graceful_shutdown=10)
+    finally:
+        service.close()
