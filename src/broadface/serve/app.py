@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
@@ -92,7 +94,14 @@ def _install_errors(app: FastAPI) -> None:
 def create_app(service: FaceService) -> FastAPI:
     """The FastAPI application for one service."""
     config = service.config
-    app = FastAPI(title="broadface face search", version="1",
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        service.close()  # at shutdown (SIGINT / SIGTERM): the gallery file is closed cleanly
+        print(f"broadface serve: gallery {config.gallery} closed", file=sys.stderr, flush=True)
+
+    app = FastAPI(title="broadface face search", version="1", lifespan=lifespan,
                   description="Enrol faces under identities, search and verify them with one broadface model.")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     _install_errors(app)

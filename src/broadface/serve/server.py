@@ -1,6 +1,7 @@
 """Start the service: load model and gallery, then serve the app with uvicorn until stopped."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from broadface.serve.config import ServeConfig
@@ -8,12 +9,9 @@ from broadface.serve.config import ServeConfig
 
 def check_installed() -> None:
     """ValueError saying how to install the ``serve`` extra when FastAPI / uvicorn are missing."""
-    missing = []
-    for module in ("fastapi", "uvicorn", "multipart"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+        missing.append("python-multipart")
     if missing:
         raise ValueError(f"serving needs {', '.join(missing)}: pip install 'broadface[serve]'")
 
@@ -26,7 +24,7 @@ def serve(config: ServeConfig) -> None:
     from broadface.serve.app import create_app
     from broadface.serve.service import FaceService
 
-    service = FaceService.open(config)
+    service = FaceService.open(config)  # closed by the app at shutdown
     try:
         info = service.info()
         counts, model, index = info["gallery"], info["model"], info["index"]
@@ -37,7 +35,8 @@ def serve(config: ServeConfig) -> None:
         if not config.loopback and config.api_key is None:
             print(f"broadface serve: warning: listening on {config.host} without an API key: anyone who can "
                   "reach this address can enrol and delete", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(service), host=config.host, port=config.port, log_level="info",
-                    timeout_graceful_shutdown=10)
-    finally:
+        app = create_app(service)
+    except BaseException:
         service.close()
+        raise
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)
