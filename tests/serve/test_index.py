@@ -9,6 +9,20 @@ from broadface.serve.index import ExactIndex, SearchIndex, faiss_available, top_
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed (pip install 'broadface[search]')")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As the server runs faiss (``--threads 1``): its OpenMP team is slow to no purpose on a busy machine."""
+    if not faiss_available():
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def unit(rng, n, d=16):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -87,7 +101,7 @@ def test_exact_mode_never_builds_faiss_and_faiss_mode_needs_it(monkeypatch):
     index = SearchIndex(16, "exact", faiss_min=1)
     index.bulk(np.arange(50), unit(np.random.default_rng(3), 50))
     assert index.faiss is None
-    monkeypatch.setattr("broadface.serve.index.faiss_available", lambda: False)
+    monkeypatch.setattr("broadface.serve.index.faiss_available", lambda: False)  # as if not installed
     with pytest.raises(ValueError, match="pip install 'broadface\\[search\\]'"):
         SearchIndex(16, "faiss")
     with pytest.raises(ValueError, match="auto, exact or faiss"):

@@ -80,3 +80,15 @@ def test_deletes_listing_and_prefix_paging(tmp_path):
     (_, _, (img,)) = store.add_images("c", [image([0, 1, 0, 0])])
     assert store.delete_image(img) is not None and store.delete_image(img) is None
     assert store.counts() == (4, 4)
+
+
+def test_bulk_import_is_one_transaction(tmp_path):
+    store = GalleryStore(tmp_path / "g.db", INFO)
+    vectors = np.eye(4, dtype=np.float32)
+    assert store.import_identities([("a", vectors[:2]), ("b", vectors[2])]) == 2
+    idents, rows = store.everything()
+    assert sorted(v["name"] for v in idents.values()) == ["a", "b"]
+    np.testing.assert_array_equal(np.stack([r[2] for r in rows]), vectors[:3])
+    with pytest.raises(ValueError, match="identity 'a' already exists"):  # aborts the whole import
+        store.import_identities([("c", vectors[0]), ("a", vectors[1])])
+    assert store.counts() == (2, 3)

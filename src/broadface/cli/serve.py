@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=int, help="model input side, for files that do not record it "
                    "(insightface .pth, ONNX without fixed sizes)")
     p.add_argument("--bgr", action="store_true", help="the model expects BGR channel order (RGB by default)")
+    p.add_argument("--threads", type=int, default=1, help="torch / faiss threads per request (default 1; "
+                   "requests run in parallel)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +74,7 @@ def config_from_args(args: argparse.Namespace):
                        threshold_source=source, api_key=_api_key(args), index=args.index, faiss_min=args.faiss_min,
                        nprobe=args.nprobe, max_image_bytes=int(args.max_image_mb * (1 << 20)),
                        max_pixels=args.max_pixels, max_files=args.max_files, flip=args.flip,
-                       input_size=args.input_size, bgr=args.bgr)
+                       input_size=args.input_size, bgr=args.bgr, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

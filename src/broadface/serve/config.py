@@ -30,13 +30,15 @@ class ServeConfig:
     flip: bool = True  # embed image + horizontal flip
     input_size: int | None = None  # only for models whose file does not say it (insightface, some ONNX)
     bgr: bool = False  # the model wants BGR channel order
+    threads: int = 1  # intra-op threads of torch / faiss per request; requests themselves run in parallel
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold {self.threshold} is not a cosine similarity in [-1, 1]")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not in 0..65535")
-        for name in ("faiss_min", "nprobe", "max_image_bytes", "max_pixels", "max_files", "max_top_k", "crop_size"):
+        for name in ("faiss_min", "nprobe", "max_image_bytes", "max_pixels", "max_files", "max_top_k", "crop_size",
+                     "threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.index not in ("auto", "exact", "faiss"):

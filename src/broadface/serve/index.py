@@ -3,8 +3,9 @@
 Rows are keyed by integer identity id and hold unit vectors; ``search(q, k)`` returns the ``k``
 keys of largest inner product (= cosine) with their scores, best first. :class:`ExactIndex` is
 the reference (every row scored). :class:`FaissIndex` is an inverted-file index (``IndexIVFFlat``,
-inner product, ``nlist`` about 4 sqrt(N) cells, ``nprobe`` of them searched): sub-linear and
-approximate, it can miss a match whose cell is not probed, and the scores it returns are exact.
+inner product, ``nlist`` = sqrt(N) cells of which ``nprobe`` are searched: 5 % of a 100k gallery
+at the default 16; training takes about 10 s for 100k x 512 on two CPU cores). It is sub-linear
+and approximate: it can miss a match whose cell is not probed; the scores it returns are exact.
 :class:`SearchIndex` keeps the exact matrix always (it is the in-memory mirror of the gallery's
 templates) and, in ``auto`` mode, a faiss index once the gallery reaches ``faiss_min`` rows,
 retrained when the gallery has doubled or halved since its last training.
@@ -15,15 +16,9 @@ from typing import Literal
 
 import numpy as np
 
+from broadface.metrics.search import faiss_available
+
 IndexMode = Literal["auto", "exact", "faiss"]
-
-
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -92,7 +87,7 @@ class FaissIndex:
         import faiss
 
         n, dim = matrix.shape
-        self.nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per cell
+        self.nlist = max(1, min(int(round(np.sqrt(n))), n // 39))  # faiss wants >= 39 training points per cell
         quantizer = faiss.IndexFlatIP(dim)
         self._index = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         self._index.cp.seed = seed

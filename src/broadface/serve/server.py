@@ -9,11 +9,30 @@ from broadface.serve.config import ServeConfig
 
 def check_installed() -> None:
     """ValueError saying how to install the ``serve`` extra when FastAPI / uvicorn are missing."""
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "threadpoolctl") if importlib.util.find_spec(m) is None]
     if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
         missing.append("python-multipart")
     if missing:
         raise ValueError(f"serving needs {', '.join(missing)}: pip install 'broadface[serve]'")
+
+
+def set_threads(n: int) -> None:
+    """Threads of torch, faiss and BLAS (OpenMP and OpenBLAS pools), once, at start.
+
+    The server runs requests in parallel on its thread pool, so each request's forward pass and
+    search run on ``n`` threads (1 by default). Measured on the shared 2-core machine: a 2-thread
+    forward of the bench model was 8-20x slower than a 1-thread one, and OpenBLAS's idle threads
+    (after the exact search's matrix product) slowed every request of the exact index by half."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n)  # every BLAS and OpenMP runtime loaded so far (numpy's OpenBLAS, faiss)
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
 
 
 def serve(config: ServeConfig) -> None:
@@ -24,6 +43,7 @@ def serve(config: ServeConfig) -> None:
     from broadface.serve.app import create_app
     from broadface.serve.service import FaceService
 
+    set_threads(config.threads)
     service = FaceService.open(config)  # closed by the app at shutdown
     try:
         info = service.info()

@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -143,6 +143,24 @@ class GalleryStore:
                                                                now))
                 ids.append(int(cur.lastrowid))
         return identity_id, created, ids
+
+    def import_identities(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Bulk import: (new identity name, N x D embeddings) pairs in ONE transaction (no crops); returns
+        the number of identities. For galleries built elsewhere (and the benchmark's synthetic ones)."""
+        now, count = time.time(), 0
+        with self._tx() as db:
+            for name, embeddings in items:
+                emb = np.asarray(embeddings, "<f4").reshape(-1, self.dim)
+                try:
+                    cur = db.execute("INSERT INTO identities (name, metadata, created) VALUES (?, '{}', ?)",
+                                     (name, now))
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"import: identity {name!r} already exists in {self.path}") from None
+                db.executemany("INSERT INTO images (identity_id, embedding, crop, source, face, created) "
+                               "VALUES (?, ?, NULL, 'import', '{\"face\": \"imported\"}', ?)",
+                               [(cur.lastrowid, e.tobytes(), now) for e in emb])
+                count += 1
+        return count
 
     def set_metadata(self, name: str, metadata: dict) -> int | None:
         with self._tx() as db:
