@@ -22,7 +22,6 @@ one query on the index alone (no HTTP, no model), in this process, same vectors.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -173,7 +172,7 @@ def probe_images(n: int) -> list[tuple[str, bytes]]:
 
     root = data_root() / "lfw" / "aligned-112x112"
     people = sorted(p for p in root.iterdir() if p.is_dir())[::97][:n]
-    return [(f.name, f.read_bytes()) for f in (sorted(p.iterdir())[0] for p in people)]
+    return [(f.name, f.read_bytes()) for f in (min(p.iterdir()) for p in people)]
 
 
 def names(n: int, probes: int) -> list[str]:

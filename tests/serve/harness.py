@@ -31,7 +31,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180.0) -> "Server":
+    def start(self, timeout: float = 180.0) -> Server:
         self.port = free_port()
         self.log = self.log_dir / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "broadface", "serve", str(self.model), "--gallery", str(self.gallery),

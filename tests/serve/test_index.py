@@ -33,6 +33,13 @@ def brute(rows: dict[int, np.ndarray], q: np.ndarray, k: int) -> list[int]:
     return [key for _, key in scored[:k]]
 
 
+def check(index, rows: dict[int, np.ndarray], queries: np.ndarray, k: int) -> None:
+    for q in queries:
+        keys, scores = index.search(q, k)
+        assert keys.tolist() == brute(rows, q, k)
+        np.testing.assert_allclose(scores, [rows[key] @ q for key in keys.tolist()], atol=1e-5)
+
+
 def test_top_k_orders_best_first_with_ties_by_position():
     s = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
     assert top_k(s, 3).tolist() == [1, 3, 2]
@@ -52,10 +59,7 @@ def test_exact_index_follows_upserts_and_removals():
             rows[key] = unit(rng, 1)[0]
             index.upsert(key, rows[key])
         assert len(index) == len(rows)
-    for q in unit(rng, 5):
-        keys, scores = index.search(q, 7)
-        assert keys.tolist() == brute(rows, q, 7)
-        np.testing.assert_allclose(scores, [rows[k] @ q for k in keys.tolist()], atol=1e-6)
+    check(index, rows, unit(rng, 5), k=7)
 
 
 @needs_faiss
@@ -72,10 +76,7 @@ def test_faiss_index_exhaustive_probe_equals_exact_and_follows_writes():
     for key in range(1, 300, 5):
         rows[key] = unit(rng, 1)[0]
         index.upsert(key, rows[key])
-    for q in unit(rng, 10):
-        keys, scores = index.search(q, 5)
-        assert keys.tolist() == brute(rows, q, 5)
-        np.testing.assert_allclose(scores, [rows[k] @ q for k in keys.tolist()], atol=1e-5)
+    check(index, rows, unit(rng, 10), k=5)
 
 
 @needs_faiss

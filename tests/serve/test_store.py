@@ -75,7 +75,7 @@ def test_deletes_listing_and_prefix_paging(tmp_path):
     assert [p["name"] for p in store.list_identities(2, 10)[1]] == ["b_1", "bx3", "c"]
     assert [p["name"] for p in store.list_identities(0, 10, "b_")[1]] == ["b_1"]  # _ and % are literal
     assert [p["name"] for p in store.list_identities(0, 10, "b%")[1]] == ["b%2"]
-    ident, ids = store.delete_identity("a")
+    _, ids = store.delete_identity("a")
     assert len(ids) == 1 and store.delete_identity("a") is None and store.image(ids[0]) is None
     (_, _, (img,)) = store.add_images("c", [image([0, 1, 0, 0])])
     assert store.delete_image(img) is not None and store.delete_image(img) is None

@@ -49,7 +49,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
         path = args.api_key_file
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--api-key-file {path} does not exist")
-        key = open(path, encoding="utf-8").read().strip()
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
         if not key:
             raise ValueError(f"--api-key-file {path} is empty")
         return key
@@ -58,16 +59,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`ServeConfig` the command line asks for (threshold resolved, key read)."""
-    from broadface.cli._inference import read_threshold
+    from broadface.cli._inference import resolve_threshold
     from broadface.serve.config import ServeConfig
 
-    if args.threshold_from:
-        threshold, where = read_threshold(args.threshold_from)
-        source = f"from {args.threshold_from} ({where})"
-    elif args.threshold is not None:
-        threshold, source = args.threshold, "--threshold"
-    else:
-        threshold, source = DEFAULT_THRESHOLD, "generic default; calibrate with `broadface eval --json`"
+    threshold, source = resolve_threshold(args)
     if args.max_image_mb <= 0:
         raise ValueError(f"--max-image-mb must be positive, got {args.max_image_mb}")
     return ServeConfig(model=args.model, gallery=args.gallery, host=args.host, port=args.port, threshold=threshold,

@@ -13,7 +13,7 @@ import logging
 import sys
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Body, Depends, FastAPI, File, Form, Header, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +25,8 @@ from broadface.serve.errors import ServeError, Unauthorized
 from broadface.serve.service import FaceService, Upload, parse_metadata
 
 log = logging.getLogger("broadface.serve")
-AlignField = Literal["auto", "yes", "no"]
-_ALIGN_HELP = "auto: 112x112 squares are aligned crops, other images are detected and aligned; yes: always; no: never"
+AlignForm = Annotated[Literal["auto", "yes", "no"], Form(
+    description="auto: 112x112 squares are aligned crops, other images are detected and aligned; yes: always; no: never")]
 
 
 class BodyLimit:
@@ -107,7 +107,8 @@ def create_app(service: FaceService) -> FastAPI:
     _install_errors(app)
     limit = config.max_image_bytes
 
-    def write_access(x_api_key: str | None = Header(None, description="needed for writes when the service has a key")):
+    def write_access(x_api_key: Annotated[str | None, Header(description="needed for writes when the service has a key")]
+                     = None):
         if config.api_key is None:
             return
         if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), config.api_key.encode()):
@@ -127,25 +128,25 @@ def create_app(service: FaceService) -> FastAPI:
 
     @app.post("/identities/{name}/images", status_code=201, dependencies=[Depends(write_access)],
               summary="Enrol images under an identity (created if new)")
-    def enrol(name: str, images: list[UploadFile] = File(..., description="one or more face images"),
-              metadata: str | None = Form(None, description="JSON object; replaces the identity's metadata"),
-              align: AlignField = Form("auto", description=_ALIGN_HELP)):
+    def enrol(name: str, images: Annotated[list[UploadFile], File(description="one or more face images")],
+              metadata: Annotated[str | None, Form(description="JSON object; replaces the identity's metadata")] = None,
+              align: AlignForm = "auto"):
         return service.enrol(name, _read(images, limit), metadata, align)
 
     @app.post("/search", summary="Top-k identities for a face, with same/different decisions")
-    def search(image: UploadFile = File(...), top_k: int = Form(5), align: AlignField = Form("auto",
-               description=_ALIGN_HELP), threshold: float | None = Form(None), crop: bool = Form(False)):
+    def search(image: Annotated[UploadFile, File()], top_k: Annotated[int, Form()] = 5, align: AlignForm = "auto",
+               threshold: Annotated[float | None, Form()] = None, crop: Annotated[bool, Form()] = False):
         return service.search(_read([image], limit)[0], top_k, align, threshold, crop)
 
     @app.post("/verify", summary="Cosine similarity of two faces and a same/different decision")
-    def verify(image_a: UploadFile = File(...), image_b: UploadFile = File(...),
-               align: AlignField = Form("auto", description=_ALIGN_HELP), threshold: float | None = Form(None)):
+    def verify(image_a: Annotated[UploadFile, File()], image_b: Annotated[UploadFile, File()],
+               align: AlignForm = "auto", threshold: Annotated[float | None, Form()] = None):
         a, b = _read([image_a, image_b], limit)
         return service.verify(a, b, align, threshold)
 
     @app.get("/identities", summary="List identities (by name, paged)")
-    def list_identities(offset: int = Query(0, ge=0), limit_: int = Query(100, ge=1, le=1000, alias="limit"),
-                        prefix: str = Query("")):
+    def list_identities(offset: Annotated[int, Query(ge=0)] = 0,
+                        limit_: Annotated[int, Query(ge=1, le=1000, alias="limit")] = 100, prefix: str = ""):
         total, items = service.gallery.store.list_identities(offset, limit_, prefix)
         return {"total": total, "offset": offset, "identities": items}
 
@@ -154,7 +155,7 @@ def create_app(service: FaceService) -> FastAPI:
         return service.gallery.identity(name)
 
     @app.patch("/identities/{name}", dependencies=[Depends(write_access)], summary="Replace an identity's metadata")
-    def set_metadata(name: str, metadata: dict = Body(..., embed=True)):
+    def set_metadata(name: str, metadata: Annotated[dict, Body(embed=True)]):
         return service.gallery.set_metadata(name, parse_metadata(metadata))
 
     @app.delete("/identities/{name}", dependencies=[Depends(write_access)], summary="Delete an identity and its images")

@@ -58,7 +58,7 @@ class FaceReader:
         if len(data) == 0:
             raise BadInput(f"{name}: empty upload, expected an image file (JPEG, PNG, BMP, ...)")
         if len(data) > self.max_bytes:
-            raise TooLarge(f"{name}: {len(data)} bytes, over the limit of {self.max_bytes} bytes per image")
+            raise TooLarge(f"{name}: larger than the limit of {self.max_bytes} bytes per image")
         try:
             with Image.open(io.BytesIO(data)) as im:  # header only: refuse huge images before decoding them
                 w, h = im.size

@@ -36,7 +36,7 @@ class Gallery:
 
     @classmethod
     def open(cls, path: str | os.PathLike, model_info: dict, index: IndexMode = "auto", faiss_min: int = 20000,
-             nprobe: int = 16) -> "Gallery":
+             nprobe: int = 16) -> Gallery:
         index_ = SearchIndex(int(model_info["dim"]), index, faiss_min, nprobe)
         return cls(GalleryStore(path, model_info), index_)
 

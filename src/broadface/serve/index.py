@@ -87,7 +87,7 @@ class FaissIndex:
         import faiss
 
         n, dim = matrix.shape
-        self.nlist = max(1, min(int(round(np.sqrt(n))), n // 39))  # faiss wants >= 39 training points per cell
+        self.nlist = max(1, min(round(n ** 0.5), n // 39))  # faiss wants >= 39 training points per cell
         quantizer = faiss.IndexFlatIP(dim)
         self._index = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         self._index.cp.seed = seed

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ class FaceModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, flip: bool = True, input_size: int | None = None,
-             bgr: bool = False) -> "FaceModel":
+             bgr: bool = False) -> FaceModel:
         """Load a checkpoint / ONNX / insightface file; ``input_size`` only where the file does not say it."""
         path = Path(path)
         if not path.is_file():

@@ -65,7 +65,7 @@ class FaceService:
         self.reader = FaceReader(config.max_image_bytes, config.max_pixels, config.crop_size)
 
     @classmethod
-    def open(cls, config: ServeConfig) -> "FaceService":
+    def open(cls, config: ServeConfig) -> FaceService:
         """Load the model, open (or create) the gallery it must match, rebuild the index."""
         model = FaceModel.load(config.model, flip=config.flip, input_size=config.input_size, bgr=config.bgr)
         gallery = Gallery.open(config.gallery, model.describe(), config.index, config.faiss_min, config.nprobe)
@@ -108,6 +108,7 @@ class FaceService:
         matches = self.gallery.search(emb[0], top_k)
         for m in matches:
             m["same"] = m["score"] >= thr
+            m["score"], m["image_score"] = round(m["score"], 6), round(m["image_score"], 6)
         probe = {"source": upload.name, **faces[0].info()}
         if with_crop:
             probe["crop"] = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(faces[0].crop)).decode()
@@ -117,7 +118,7 @@ class FaceService:
         thr = self._threshold(threshold)
         faces, emb = self._faces([a, b], align)
         score = float(emb[0] @ emb[1])
-        return {"score": score, "threshold": thr, "same": score >= thr,
+        return {"score": round(score, 6), "threshold": thr, "same": score >= thr,
                 "faces": [{"source": u.name, **f.info()} for u, f in zip((a, b), faces)]}
 
     def info(self) -> dict:
