@@ -43,6 +43,15 @@ def test_a_gallery_refuses_another_model_with_one_line(ckpts, tmp_path, capsys):
     assert "preprocessing" in capsys.readouterr().err
 
 
+def test_the_threshold_calibrated_by_broadface_eval_is_served(ckpts, lfw_root, tmp_path):
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(ckpts[0]), "--pairs", str(lfw_root / "pairs.txt"), "--images",
+                 str(lfw_root / "aligned-112x112"), "--max-pairs", "40", "--folds", "2", "--json", str(report)]) == 0
+    threshold = json.loads(report.read_text())["pairs"]["cosine_threshold"]
+    c = config(str(ckpts[0]), "--gallery", "g.db", "--threshold-from", str(report))
+    assert c.threshold == threshold and c.threshold_source == f"from {report} (pairs.cosine_threshold)"
+
+
 def test_threshold_sources_and_api_key(ckpts, tmp_path, monkeypatch):
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"lfw": {"cosine_threshold": 0.4125, "accuracy": 0.8}}))

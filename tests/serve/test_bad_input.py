@@ -115,6 +115,7 @@ def test_bad_fields_names_and_routes(client, face):
     assert_error(client.post("/verify", files=img), 422, "image_a: Field required")
     assert_error(enrol(client, "n" * 129, files([face])), 422, "identity name")
     assert_error(enrol(client, "tab%09here", files([face])), 422, "identity name")
+    assert_error(enrol(client, "%2E%2E", files([face])), 422, "identity name '..'")
     assert_error(enrol(client, "x", []), 422, "images: Field required")
     r = client.post("/search", content=b"--xyz\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert 400 <= r.status_code < 500 and r.json()["detail"]

@@ -33,8 +33,9 @@ class Upload:
 
 def check_name(name: str) -> str:
     """An identity name: 1-128 characters, no control characters or slashes, not blank."""
-    if not _NAME.match(name) or not name.strip():
-        raise BadInput(f"identity name {name!r}: expected 1-128 characters without slashes or control characters")
+    if not _NAME.match(name) or not name.strip() or name in (".", ".."):
+        raise BadInput(f"identity name {name!r}: expected 1-128 characters without slashes or control characters "
+                       "(and not '.' or '..')")
     return name
 
 
