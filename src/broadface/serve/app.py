@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Literal
 
-from fastapi import Body, Depends, FastAPI, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broadface.serve.errors import ServeError, Unauthorized
+from broadface.serve.errors import NotFound, ServeError, Unauthorized
+from broadface.serve.gallery import Gallery
 from broadface.serve.service import FaceService, Upload, parse_metadata
 
 log = logging.getLogger("broadface.serve")
@@ -91,8 +92,102 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse({"detail": f"internal error ({type(err).__name__}): {err}"}, status_code=500)
 
 
+def _write_access(api_key: str | None):
+    """A dependency: 401 unless the request carries the service's API key (when it has one)."""
+
+    def check(x_api_key: Annotated[str | None, Header(description="needed for writes when the service has a key")]
+              = None) -> None:
+        if api_key is None:
+            return
+        if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), api_key.encode()):
+            raise Unauthorized("this write needs the service's API key in the X-API-Key header")
+
+    return Depends(check)
+
+
+def _face_routes(service: FaceService, write) -> APIRouter:
+    """The page, health, model info, enrol, search and verify."""
+    router, limit = APIRouter(), service.config.max_image_bytes
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("broadface.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @router.get("/health", summary="Liveness and gallery size")
+    def health():
+        return {"status": "ok", **service.gallery.counts()}
+
+    @router.get("/model", summary="Model, threshold, index and limits")
+    def model_info():
+        return service.info()
+
+    @router.post("/identities/{name}/images", status_code=201, dependencies=[write],
+                 summary="Enrol images under an identity (created if new)")
+    def enrol(name: str, images: Annotated[list[UploadFile], File(description="one or more face images")],
+              metadata: Annotated[str | None, Form(description="JSON object; replaces the identity's metadata")] = None,
+              align: AlignForm = "auto"):
+        return service.enrol(name, _read(images, limit), metadata, align)
+
+    @router.post("/search", summary="Top-k identities for a face, with same/different decisions")
+    def search(image: Annotated[UploadFile, File()], top_k: Annotated[int, Form()] = 5, align: AlignForm = "auto",
+               threshold: Annotated[float | None, Form()] = None, crop: Annotated[bool, Form()] = False):
+        return service.search(_read([image], limit)[0], top_k, align, threshold, crop)
+
+    @router.post("/verify", summary="Cosine similarity of two faces and a same/different decision")
+    def verify(image_a: Annotated[UploadFile, File()], image_b: Annotated[UploadFile, File()],
+               align: AlignForm = "auto", threshold: Annotated[float | None, Form()] = None):
+        a, b = _read([image_a, image_b], limit)
+        return service.verify(a, b, align, threshold)
+
+    return router
+
+
+def _gallery_routes(gallery: Gallery, write) -> APIRouter:
+    """List, read, update and delete identities and images."""
+    router = APIRouter()
+
+    @router.get("/identities", summary="List identities (by name, paged)")
+    def list_identities(offset: Annotated[int, Query(ge=0)] = 0,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100, prefix: str = ""):
+        total, items = gallery.store.list_identities(offset, limit, prefix)
+        return {"total": total, "offset": offset, "identities": items}
+
+    @router.get("/identities/{name}", summary="One identity with its images")
+    def get_identity(name: str):
+        return gallery.identity(name)
+
+    @router.patch("/identities/{name}", dependencies=[write], summary="Replace an identity's metadata")
+    def set_metadata(name: str, metadata: Annotated[dict, Body(embed=True)]):
+        return gallery.set_metadata(name, parse_metadata(metadata))
+
+    @router.delete("/identities/{name}", dependencies=[write], summary="Delete an identity and its images")
+    def delete_identity(name: str):
+        return gallery.delete_identity(name)
+
+    @router.get("/images/{image_id}", summary="One enrolled image's record")
+    def get_image(image_id: int):
+        found = gallery.store.image(image_id)
+        if found is None:
+            raise NotFound(f"unknown image id {image_id}")
+        return found
+
+    @router.get("/images/{image_id}/crop", summary="The aligned crop of an enrolled image (JPEG)",
+                response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def get_crop(image_id: int):
+        data = gallery.store.crop(image_id)
+        if data is None:
+            raise NotFound(f"unknown image id {image_id} (or it has no stored crop)")
+        return Response(data, media_type="image/jpeg")
+
+    @router.delete("/images/{image_id}", dependencies=[write], summary="Delete one enrolled image")
+    def delete_image(image_id: int):
+        return gallery.delete_image(image_id)
+
+    return router
+
+
 def create_app(service: FaceService) -> FastAPI:
-    """The FastAPI application for one service."""
+    """The FastAPI application for one service; it closes the service's gallery at shutdown."""
     config = service.config
 
     @asynccontextmanager
@@ -105,80 +200,7 @@ def create_app(service: FaceService) -> FastAPI:
                   description="Enrol faces under identities, search and verify them with one broadface model.")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     _install_errors(app)
-    limit = config.max_image_bytes
-
-    def write_access(x_api_key: Annotated[str | None, Header(description="needed for writes when the service has a key")]
-                     = None):
-        if config.api_key is None:
-            return
-        if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), config.api_key.encode()):
-            raise Unauthorized("this write needs the service's API key in the X-API-Key header")
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return resources.files("broadface.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-
-    @app.get("/health", summary="Liveness and gallery size")
-    def health():
-        return {"status": "ok", **service.gallery.counts()}
-
-    @app.get("/model", summary="Model, threshold, index and limits")
-    def model_info():
-        return service.info()
-
-    @app.post("/identities/{name}/images", status_code=201, dependencies=[Depends(write_access)],
-              summary="Enrol images under an identity (created if new)")
-    def enrol(name: str, images: Annotated[list[UploadFile], File(description="one or more face images")],
-              metadata: Annotated[str | None, Form(description="JSON object; replaces the identity's metadata")] = None,
-              align: AlignForm = "auto"):
-        return service.enrol(name, _read(images, limit), metadata, align)
-
-    @app.post("/search", summary="Top-k identities for a face, with same/different decisions")
-    def search(image: Annotated[UploadFile, File()], top_k: Annotated[int, Form()] = 5, align: AlignForm = "auto",
-               threshold: Annotated[float | None, Form()] = None, crop: Annotated[bool, Form()] = False):
-        return service.search(_read([image], limit)[0], top_k, align, threshold, crop)
-
-    @app.post("/verify", summary="Cosine similarity of two faces and a same/different decision")
-    def verify(image_a: Annotated[UploadFile, File()], image_b: Annotated[UploadFile, File()],
-               align: AlignForm = "auto", threshold: Annotated[float | None, Form()] = None):
-        a, b = _read([image_a, image_b], limit)
-        return service.verify(a, b, align, threshold)
-
-    @app.get("/identities", summary="List identities (by name, paged)")
-    def list_identities(offset: Annotated[int, Query(ge=0)] = 0,
-                        limit_: Annotated[int, Query(ge=1, le=1000, alias="limit")] = 100, prefix: str = ""):
-        total, items = service.gallery.store.list_identities(offset, limit_, prefix)
-        return {"total": total, "offset": offset, "identities": items}
-
-    @app.get("/identities/{name}", summary="One identity with its images")
-    def get_identity(name: str):
-        return service.gallery.identity(name)
-
-    @app.patch("/identities/{name}", dependencies=[Depends(write_access)], summary="Replace an identity's metadata")
-    def set_metadata(name: str, metadata: Annotated[dict, Body(embed=True)]):
-        return service.gallery.set_metadata(name, parse_metadata(metadata))
-
-    @app.delete("/identities/{name}", dependencies=[Depends(write_access)], summary="Delete an identity and its images")
-    def delete_identity(name: str):
-        return service.gallery.delete_identity(name)
-
-    @app.get("/images/{image_id}", summary="One enrolled image's record")
-    def get_image(image_id: int):
-        found = service.gallery.store.image(image_id)
-        if found is None:
-            raise ServeError(f"unknown image id {image_id}", 404)
-        return found
-
-    @app.get("/images/{image_id}/crop", summary="The aligned crop of an enrolled image (JPEG)",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    def get_crop(image_id: int):
-        data = service.gallery.store.crop(image_id)
-        if data is None:
-            raise ServeError(f"unknown image id {image_id} (or it has no stored crop)", 404)
-        return Response(data, media_type="image/jpeg")
-
-    @app.delete("/images/{image_id}", dependencies=[Depends(write_access)], summary="Delete one enrolled image")
-    def delete_image(image_id: int):
-        return service.gallery.delete_image(image_id)
-
+    write = _write_access(config.api_key)
+    app.include_router(_face_routes(service, write))
+    app.include_router(_gallery_routes(service.gallery, write))
     return app
