@@ -25,22 +25,24 @@ SINGLE = {"Ali_Naimi": "Ali_Naimi_0004.jpg", "Amelie_Mauresmo": "Amelie_Mauresmo
 @pytest.fixture(scope="module")
 def enrolled(tiny_ckpt, tiny_model, aligned, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    server = Server(tiny_ckpt, tmp / "gallery.db", tmp).start()
-    client = server.client()
-    gallery, responses = {}, {}
-    for name in MULTI:
-        gallery[name] = sorted((aligned / name).iterdir())[:3]
-    for name, photo in SINGLE.items():
-        gallery[name] = [aligned / name / photo]
-    for name, paths in gallery.items():
-        meta = f'{{"source": "lfw", "n": {len(paths)}}}'
-        r = client.post(f"/identities/{name}/images", files=files(paths), data={"metadata": meta})
-        assert r.status_code == 201, r.text
-        responses[name] = r.json()
-    templates = {n: reference_embeddings(tiny_model, p, 56) for n, p in gallery.items()}
-    yield server, client, gallery, responses, templates
-    client.close()
-    server.kill()
+    server = Server(tiny_ckpt, tmp / "gallery.db", tmp)
+    try:
+        client = server.start().client()
+        gallery, responses = {}, {}
+        for name in MULTI:
+            gallery[name] = sorted((aligned / name).iterdir())[:3]
+        for name, photo in SINGLE.items():
+            gallery[name] = [aligned / name / photo]
+        for name, paths in gallery.items():
+            meta = f'{{"source": "lfw", "n": {len(paths)}}}'
+            r = client.post(f"/identities/{name}/images", files=files(paths), data={"metadata": meta})
+            assert r.status_code == 201, r.text
+            responses[name] = r.json()
+        templates = {n: reference_embeddings(tiny_model, p, 56) for n, p in gallery.items()}
+        yield server, client, gallery, responses, templates
+        client.close()
+    finally:
+        server.kill()
 
 
 def test_enrol_answers_and_listing(enrolled):

@@ -24,9 +24,11 @@ def png(array: np.ndarray) -> bytes:
 def server(tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     s = Server(tiny_ckpt, tmp / "gallery.db", tmp, "--max-image-mb", "0.1", "--max-pixels", "1000000",
-               "--max-files", "4", env={"BROADFACE_API_KEY": KEY}).start()
-    yield s
-    s.kill()
+               "--max-files", "4", env={"BROADFACE_API_KEY": KEY})
+    try:
+        yield s.start()
+    finally:
+        s.kill()
 
 
 @pytest.fixture
@@ -145,3 +147,13 @@ def test_the_server_logged_no_internal_error(server, client):
     client.get("/health")
     log = server.log.read_text()
     assert "internal error" not in log and "Traceback" not in log and " 500 " not in log
+
+
+def test_cross_origin_writes_and_foreign_host_names_are_refused(client, face):
+    r = client.post("/identities/csrf/images", files=files([face]), headers={**AUTH, "Origin": "http://evil.example"})
+    assert_error(r, 403, "another origin (http://evil.example)")
+    same = client.post("/identities/csrf/images", files=files([face]),
+                       headers={**AUTH, "Origin": str(client.base_url).rstrip("/")})
+    assert same.status_code == 201, same.text
+    assert_error(client.get("/health", headers={"Host": "rebound.example:8000"}), 400, "answers only to 127.0.0.1")
+    assert client.get("/health", headers={"Host": "localhost"}).status_code == 200

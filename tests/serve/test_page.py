@@ -55,9 +55,10 @@ def test_enrol_and_search_through_the_page(browser, tiny_ckpt, aligned, raw, tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = Server(tiny_ckpt, tmp_path / "g.db", tmp_path).start()
+    server = Server(tiny_ckpt, tmp_path / "g.db", tmp_path)
     wait = WebDriverWait(browser, 60)
     try:
+        server.start()
         browser.get(server.url + "/")
         wait.until(ec.text_to_be_present_in_element((By.ID, "info"), "checkpoint"))
         for name in ["Abdullah_Gul", "Al_Gore", "Amelie_Mauresmo"]:

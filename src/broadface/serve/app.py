@@ -4,7 +4,8 @@ Every client error is a 4xx JSON ``{"detail": "<one line naming the field or fil
 errors (:mod:`broadface.serve.errors`), request validation (a missing field, malformed JSON, a
 value of the wrong type), an unknown route, a body over the size limit (refused from its
 ``Content-Length`` before it is read, or as soon as a chunked body passes the limit). Writes
-need ``X-API-Key`` when the service has a key. OpenAPI: ``/openapi.json``, ``/docs``.
+need ``X-API-Key`` when the service has a key, and are refused from web pages of other origins;
+a loopback server answers only to loopback host names. OpenAPI: ``/openapi.json``, ``/docs``.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import sys
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broadface.serve.errors import NotFound, ServeError, Unauthorized
+from broadface.serve.errors import Forbidden, NotFound, ServeError, Unauthorized
 from broadface.serve.gallery import Gallery
 from broadface.serve.service import FaceService, Upload, parse_metadata
 
@@ -59,6 +61,27 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class LoopbackHosts:
+    """ASGI middleware for a server on loopback: 400 unless the Host header names this machine
+    (127.0.0.1, localhost, [::1]), so a web page cannot reach it through a DNS name re-pointed at
+    127.0.0.1 (DNS rebinding)."""
+
+    NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.NAMES:
+                response = JSONResponse({"detail": f"Host {host!r}: this server answers only to 127.0.0.1, "
+                                         "localhost or [::1]"}, status_code=400)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _read(files: list[UploadFile], limit: int) -> list[Upload]:
     """The uploads' bytes (at most ``limit + 1`` read from each: the reader refuses what is over)."""
     return [Upload(f.filename or f"upload {i + 1}", f.file.read(limit + 1)) for i, f in enumerate(files)]
@@ -93,10 +116,14 @@ def _install_errors(app: FastAPI) -> None:
 
 
 def _write_access(api_key: str | None):
-    """A dependency: 401 unless the request carries the service's API key (when it has one)."""
+    """A dependency of every write: 403 for a browser request from a page of another origin (a form
+    post needs no CORS preflight), 401 unless it carries the service's API key (when it has one)."""
 
-    def check(x_api_key: Annotated[str | None, Header(description="needed for writes when the service has a key")]
-              = None) -> None:
+    def check(request: Request, x_api_key: Annotated[str | None, Header(
+              description="needed for writes when the service has a key")] = None) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            raise Forbidden(f"write from a page of another origin ({origin}) refused")
         if api_key is None:
             return
         if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), api_key.encode()):
@@ -199,6 +226,8 @@ def create_app(service: FaceService) -> FastAPI:
     app = FastAPI(title="broadface face search", version="1", lifespan=lifespan,
                   description="Enrol faces under identities, search and verify them with one broadface model.")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.loopback:
+        app.add_middleware(LoopbackHosts)
     _install_errors(app)
     write = _write_access(config.api_key)
     app.include_router(_face_routes(service, write))

@@ -41,3 +41,9 @@ class Unauthorized(ServeError):
     """A write without the right API key."""
 
     status = 401
+
+
+class Forbidden(ServeError):
+    """A write from a web page of another origin (cross-site request forgery)."""
+
+    status = 403
