@@ -224,11 +224,13 @@ def run_size(args, tmp: Path, model_path: Path, model, images, probes, n: int) -
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| identities | index | clients | requests | req/s | p50 ms | p99 ms | rank-1 = exact | index ms | ready s |")
+    print("\n| identities | index | clients | requests | req/s | p50 ms | p99 ms | rank-1 = exact | index ms "
+          "| ready s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['identities']:,} | {r['index']} | {r['clients']} | {r['requests']} | {r['rps']:.1f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['agree']:.2f} | {r['index_ms']:.2f} | {r['startup_s']:.1f} |")
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['agree']:.2f} | {r['index_ms']:.2f} | "
+              f"{r['startup_s']:.1f} |")
     print("\nfaiss / exact, same size and clients (req/s ratio, p50 ratio):")
     for r in rows:
         if r["index"] != "faiss":

@@ -107,6 +107,9 @@ def test_verify_records_crops_and_model_info(enrolled, tiny_model, tiny_ckpt, al
     assert info["model"]["fingerprint"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
     assert info["model"]["kind"] == "checkpoint" and info["model"]["dim"] == 32 and info["index"]["kind"] == "exact"
     assert "/search" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs").text  # Swagger UI with its script served here, not from a CDN
+    assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
     assert 'id="search-drop"' in client.get("/").text
 
 

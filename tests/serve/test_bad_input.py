@@ -53,7 +53,8 @@ def test_empty_gallery_search_is_a_conflict(client, face):
 
 
 def test_not_an_image_truncated_empty_and_no_face(client, face):
-    assert_error(enrol(client, "x", [("images", ("notes.txt", b"hello", "text/plain"))]), 422, "notes.txt: not an image")
+    text = [("images", ("notes.txt", b"hello", "text/plain"))]
+    assert_error(enrol(client, "x", text), 422, "notes.txt: not an image")
     cut = face.read_bytes()[:600]
     assert_error(enrol(client, "x", [("images", ("cut.jpg", cut, "image/jpeg"))]), 422, "cut.jpg")
     assert_error(enrol(client, "x", [("images", ("e.jpg", b"", "image/jpeg"))]), 422, "e.jpg: empty upload")
@@ -100,7 +101,8 @@ def test_malformed_json_and_metadata(client, face):
     assert_error(enrol(client, "m", files([face]), metadata="[1, 2]"), 422, "metadata: expected a JSON object")
     assert_error(enrol(client, "m", files([face]), metadata='{"x": "' + "y" * 20000 + '"}'), 422, "over the limit")
     assert enrol(client, "m", files([face])).status_code == 201
-    r = client.patch("/identities/m", content=b'{"metadata": {bad', headers={**AUTH, "content-type": "application/json"})
+    json_type = {**AUTH, "content-type": "application/json"}
+    r = client.patch("/identities/m", content=b'{"metadata": {bad', headers=json_type)
     assert_error(r, 422, "malformed JSON")
     assert_error(client.patch("/identities/m", json={"metadata": [1]}, headers=AUTH), 422, "metadata")
     assert_error(client.patch("/identities/m", json={"other": 1}, headers=AUTH), 422, "metadata: Field required")
@@ -119,7 +121,8 @@ def test_bad_fields_names_and_routes(client, face):
     assert_error(enrol(client, "tab%09here", files([face])), 422, "identity name")
     assert_error(enrol(client, "%2E%2E", files([face])), 422, "identity name '..'")
     assert_error(enrol(client, "x", []), 422, "images: Field required")
-    r = client.post("/search", content=b"--xyz\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xyz"})
+    multipart = {"content-type": "multipart/form-data; boundary=xyz"}
+    r = client.post("/search", content=b"--xyz\r\ngarbage", headers=multipart)
     assert 400 <= r.status_code < 500 and r.json()["detail"]
     assert_error(client.get("/no/such/route"), 404, "Not Found")
     assert_error(client.put("/health"), 405, "Method Not Allowed")

@@ -87,5 +87,7 @@ def test_enrol_and_search_through_the_page(browser, tiny_ckpt, aligned, raw, tmp
         shot = tmp_path / "serve_page.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         print(f"screenshot: {shot}")
+        browser.get(server.url + "/docs")  # the OpenAPI page renders offline
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 10)
     finally:
         server.kill()

@@ -27,7 +27,8 @@ def test_restart_serves_the_same_gallery(servers, tiny_ckpt, aligned, tmp_path):
     first = servers(tiny_ckpt, tmp_path / "g.db")
     with first.client() as c:
         for n in people:
-            assert c.post(f"/identities/{n}/images", files=files(sorted((aligned / n).iterdir())[:3])).status_code == 201
+            enrolled = c.post(f"/identities/{n}/images", files=files(sorted((aligned / n).iterdir())[:3]))
+            assert enrolled.status_code == 201
         c.delete(f"/images/{c.get('/identities/Al_Gore').json()['images'][0]['id']}")
         before = snapshot(c, probes)
     assert first.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown

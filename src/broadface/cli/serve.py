@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, help=f"cosine threshold for 'same' (default {DEFAULT_THRESHOLD})")
     group.add_argument("--threshold-from", metavar="JSON", help="read the threshold from `broadface eval --json`")
-    p.add_argument("--api-key-file", metavar="FILE", help=f"file holding the API key for writes (or set ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help=f"file holding the API key for writes (or set ${API_KEY_ENV})")
     p.add_argument("--index", choices=("auto", "exact", "faiss"), default="auto",
                    help="search index: exact matrix product, faiss IVF, or auto (faiss from --faiss-min identities "
                    "when installed; default)")

@@ -5,7 +5,8 @@ errors (:mod:`broadface.serve.errors`), request validation (a missing field, mal
 value of the wrong type), an unknown route, a body over the size limit (refused from its
 ``Content-Length`` before it is read, or as soon as a chunked body passes the limit). Writes
 need ``X-API-Key`` when the service has a key, and are refused from web pages of other origins;
-a loopback server answers only to loopback host names. OpenAPI: ``/openapi.json``, ``/docs``.
+a loopback server answers only to loopback host names. OpenAPI: ``/openapi.json``, and ``/docs``
+(Swagger UI) and ``/redoc`` served from the package's own copies of their scripts (fastapi-offline).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,8 +30,8 @@ from broadface.serve.gallery import Gallery
 from broadface.serve.service import FaceService, Upload, parse_metadata
 
 log = logging.getLogger("broadface.serve")
-AlignForm = Annotated[Literal["auto", "yes", "no"], Form(
-    description="auto: 112x112 squares are aligned crops, other images are detected and aligned; yes: always; no: never")]
+_ALIGN = "auto: 112x112 squares are aligned crops, other images are detected and aligned; yes: always; no: never"
+AlignForm = Annotated[Literal["auto", "yes", "no"], Form(description=_ALIGN)]
 
 
 class BodyLimit:
@@ -223,8 +225,8 @@ def create_app(service: FaceService) -> FastAPI:
         service.close()  # at shutdown (SIGINT / SIGTERM): the gallery file is closed cleanly
         print(f"broadface serve: gallery {config.gallery} closed", file=sys.stderr, flush=True)
 
-    app = FastAPI(title="broadface face search", version="1", lifespan=lifespan,
-                  description="Enrol faces under identities, search and verify them with one broadface model.")
+    app = FastAPIOffline(title="broadface face search", version="1", lifespan=lifespan,  # /docs without a CDN
+                         description="Enrol faces under identities, search and verify them with one broadface model.")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if config.loopback:
         app.add_middleware(LoopbackHosts)

@@ -9,7 +9,8 @@ from broadface.serve.config import ServeConfig
 
 def check_installed() -> None:
     """ValueError saying how to install the ``serve`` extra when FastAPI / uvicorn are missing."""
-    missing = [m for m in ("fastapi", "uvicorn", "threadpoolctl") if importlib.util.find_spec(m) is None]
+    needed = ("fastapi", "fastapi_offline", "uvicorn", "threadpoolctl")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
         missing.append("python-multipart")
     if missing:

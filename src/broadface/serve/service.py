@@ -97,7 +97,8 @@ class FaceService:
         rows = [{"embedding": e, "crop": encode_jpeg(f.crop), "source": u.name, "face": f.info()}
                 for u, f, e in zip(uploads, faces, emb)]
         out = self.gallery.enrol(name, rows, meta)
-        out["faces"] = [{"image_id": i, "source": u.name, **f.info()} for i, u, f in zip(out["image_ids"], uploads, faces)]
+        out["faces"] = [{"image_id": i, "source": u.name, **f.info()}
+                        for i, u, f in zip(out["image_ids"], uploads, faces)]
         return out
 
     def search(self, upload: Upload, top_k: int = 5, align: str = "auto", threshold: float | None = None,
