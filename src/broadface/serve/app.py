@@ -65,7 +65,7 @@ class BodyLimit:
 
 class LoopbackHosts:
     """ASGI middleware for a server on loopback: 400 unless the Host header names this machine
-    (127.0.0.1, localhost, [::1]), so a web page cannot reach it through a DNS name re-pointed at
+    (127.x.x.x, localhost, [::1]), so a web page cannot reach it through a DNS name re-pointed at
     127.0.0.1 (DNS rebinding)."""
 
     NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -77,7 +77,7 @@ class LoopbackHosts:
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in self.NAMES:
+            if name not in self.NAMES and not name.startswith("127."):
                 response = JSONResponse({"detail": f"Host {host!r}: this server answers only to 127.0.0.1, "
                                          "localhost or [::1]"}, status_code=400)
                 return await response(scope, receive, send)
