@@ -128,6 +128,21 @@ def embed_paths(model: "torch.nn.Module", paths: Sequence[Path], input_size: int
     return emb
 
 
+def resolve_threshold(args: argparse.Namespace) -> tuple[float, str]:
+    """The decision threshold asked for (``--threshold-from`` JSON, ``--threshold``, else the default) and
+    where it came from; ValueError if it is not a cosine similarity."""
+    if args.threshold_from:
+        threshold, where = read_threshold(args.threshold_from)
+        source = f"from {args.threshold_from} ({where})"
+    elif args.threshold is not None:
+        threshold, source = args.threshold, "--threshold"
+    else:
+        threshold, source = DEFAULT_THRESHOLD, "generic default; calibrate with `broadface eval --json`"
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
+    return threshold, source
+
+
 def read_threshold(path: str | os.PathLike) -> tuple[float, str]:
     """Cosine-similarity threshold from a ``broadface eval --json`` report: (value, where it was found).
 

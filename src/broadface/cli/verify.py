@@ -31,17 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broadface.cli._inference import embed_paths, load_model, make_detector, read_threshold
+    from broadface.cli._inference import embed_paths, load_model, make_detector, resolve_threshold
 
-    if args.threshold_from:
-        threshold, source = read_threshold(args.threshold_from)
-        source = f"from {args.threshold_from} ({source})"
-    elif args.threshold is not None:
-        threshold, source = args.threshold, "--threshold"
-    else:
-        threshold, source = DEFAULT_THRESHOLD, "generic default; calibrate with `broadface eval --json`"
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
+    threshold, source = resolve_threshold(args)
     paths = [Path(args.image_a), Path(args.image_b)]
     for p in paths:
         if not p.is_file():
