@@ -51,21 +51,24 @@ def celeba_faces(first: int, ids: int, per_id: int, flip: bool, size: int = 28) 
 
 
 def build_ijb_1n(root: Path, lfw_dir: Path, subjects: int = 12, pairs: bool = False) -> list[str]:
-    """Per subject (LFW identity with >= 6 images): one gallery template of 2 images (one media: averaged),
-    two probe templates of 2 images each (the first a single media, the second two). The first half of the
-    subjects is enrolled in G1, the rest in G2; every probe searches both galleries. ``pairs``: also the 1:1 file
-    (every pair of templates, label = same subject)."""
-    people = [p for p in list_classes(lfw_dir) if len(list_images(lfw_dir / p)) >= 6][:subjects]
+    """IJB-style 1:N meta over real aligned LFW faces. Per subject (an identity with >= 7 images): a gallery
+    template of 3 images (two from one media, averaged, plus one from another), a probe template of 2 images
+    of one media and a probe template of 2 images of two media. The first half of the subjects is enrolled
+    in G1, the rest in G2; every probe searches both galleries. ``pairs``: also the 1:1 file (every pair of
+    templates, label = same subject)."""
+    people = [p for p in list_classes(lfw_dir) if len(list_images(lfw_dir / p)) >= 7][:subjects]
     (root / "meta").mkdir(parents=True)
     (root / "images").mkdir()
     tid_lines, g1, g2, probes = [], [], [], []
     tid = media = 100
+    layout = ((0, 0, 1), (0, 0), (0, 1))  # media offsets of each template's images
     for sid, person in enumerate(people):
-        files = [lfw_dir / person / f for f in list_images(lfw_dir / person)[:6]]
-        for t, group in enumerate((files[:2], files[2:4], files[4:])):
-            for k, f in enumerate(group):
+        files = iter(lfw_dir / person / f for f in list_images(lfw_dir / person)[:7])
+        for t, offsets in enumerate(layout):
+            group = [next(files) for _ in offsets]
+            for f, m in zip(group, offsets):
                 shutil.copy(f, root / "images" / f.name)
-                tid_lines.append(f"{f.name} {tid} {media if t < 2 else media + k}")
+                tid_lines.append(f"{f.name} {tid} {media + m}")
             rows = [f"{tid},{1000 + sid},{f.name}" for f in group]
             (g1 if t == 0 and sid < subjects // 2 else g2 if t == 0 else probes).extend(rows)
             tid += 1

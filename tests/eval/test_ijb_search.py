@@ -38,7 +38,7 @@ def test_1n_matches_insightface_and_the_open_set_definitions(tmp_path, lfw_dir, 
     build_ijb_1n(tmp_path, lfw_dir)
     r = evaluate_templates_1n(pixelnet, tmp_path, "IJBC", fpirs=FPIRS, batch_size=16)
     meta = read_ijb_meta(tmp_path, "IJBC")
-    assert meta.pairs is None and r["probe_templates"] == 24 and r["images"] == 72
+    assert meta.pairs is None and r["probe_templates"] == 24 and r["images"] == 84
     feats = reference_features(pixelnet, meta.images)  # F2, N1; no faceness file, so no D1
     tfeat, tids = insightface_templates(feats, meta.templates, meta.medias)
     by_id = {t: tfeat[i] for i, t in enumerate(tids)}
