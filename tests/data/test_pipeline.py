@@ -70,8 +70,11 @@ def test_training_and_evaluation_preprocessing_agree(face_file, tmp_path, size):
         "dataset item": FaceFolder.from_samples([(face_file, 0)], transform=EvalTransform(size))[0][0],
     }
     from broadface.cli._inference import _PathDataset
+    from broadface.train.teacher_cache import _TeacherView
 
     routes["CLI file reader"] = _PathDataset([face_file], Preprocessing(size))[0][0]
+    routes["distillation teacher cache"] = _TeacherView([FaceFolder.from_samples([(face_file, 0)])],
+                                                        Preprocessing(size))[0]
     for name, x in routes.items():
         assert torch.equal(x, train), name
     # and a flipped training view is exactly the mirrored image

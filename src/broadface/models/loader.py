@@ -177,7 +177,7 @@ def load_model(path: str | os.PathLike, format: str = "auto", *, input_size: int
         kind, size = "onnx", _onnx_size(net, path, input_size)
     else:
         net, kind = _torch_model(path, format, input_size)
-        size = (int(net.config["input_size"]),) * 2
+        size = (input_size_of(net),) * 2
         if input_size is not None and int(input_size) != size[0]:
             raise ValueError(f"{path}: --input-size {input_size} but the {kind} model was built for {size[0]}")
         net = net.to(device)
