@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_onnx(args: argparse.Namespace) -> int:
     from broadface.infer.export import check_onnx_parity, export_onnx
-    from broadface.infer.fold_bn import count_batchnorm
     from broadface.models import count_parameters
     from broadface.models.loader import input_size_of, load_model
 
@@ -55,8 +54,7 @@ def run_onnx(args: argparse.Namespace) -> int:
                        dynamic_batch=not args.static_batch, dynamo=args.dynamo)
     size = args.input_size or input_size_of(model)
     print(f"wrote {path} ({model.config['name']}, {count_parameters(model) / 1e6:.2f}M params, "
-          f"input {size}x{size}, opset {args.opset}, fold_bn={args.fold_bn}, "
-          f"{count_batchnorm(model)} BatchNorm layers in the model) in {time.perf_counter() - start:.1f}s")
+          f"input {size}x{size}, opset {args.opset}, fold_bn={args.fold_bn}) in {time.perf_counter() - start:.1f}s")
     if args.parity_n:
         diff = check_onnx_parity(model, path, n=args.parity_n)
         print(f"parity: max |PyTorch - onnxruntime| of L2-normalised embeddings over {args.parity_n} images "
