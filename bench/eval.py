@@ -6,8 +6,9 @@
   (b) LFW-protocol 10-fold accuracy + VAL@FAR on 6,000 pairs: kfold_accuracy vs a loop-per-threshold
       re-implementation of insightface's evaluate().
   (c) Recall@K self-retrieval: exact chunked search, torch vs faiss (IndexFlatIP).
-  (d) Embedding throughput, PyTorch vs ONNX Runtime (CPU, same thread count), iresnet50 and
-      mobilefacenet at batch 1 and 64 (export via broadface.infer.export.export_onnx).
+  (d) Embedding throughput at 112 px, PyTorch vs ONNX Runtime (CPU, same thread count), iresnet50 and
+      mobilefacenet at batch 1 and 64: a checkpoint and its `export_onnx` file, both opened with
+      broadface.models.loader.load_model (what `broadface eval` / `embed` run), side by side in one run.
 
     python bench/eval.py --quick      # ~2-4 minutes on 2 busy CPU cores
     python bench/eval.py              # 10M scores, 60k-item retrieval, batch 64
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.metrics.reference (sections a, b)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/reference.py, the insightface baselines (a, b)
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -53,8 +54,8 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 
 # ---------------------------------------------------------------------------------------------- (a)
 def sklearn_insightface(scores, same):
-    """sklearn ROC + eval_ijbc.py's nearest-FPR search (the reference in tests/metrics)."""
-    from tests.metrics.reference import insightface_tar_at_far
+    """sklearn ROC + eval_ijbc.py's nearest-FPR search (bench/reference.py)."""
+    from reference import insightface_tar_at_far
 
     return insightface_tar_at_far(scores, same, FARS)
 
@@ -89,7 +90,7 @@ def bench_tar(n: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- (b)
 def bench_kfold() -> None:
-    from tests.metrics.reference import insightface_kfold
+    from reference import insightface_kfold
 
     from broadface.metrics import kfold_accuracy
 
@@ -132,45 +133,45 @@ def bench_search(n: int, dim: int = 128) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- (d)
+def _median_seconds(fn, x, repeat: int) -> float:
+    fn(x), fn(x)  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def bench_throughput(models: list[str], batches: list[int], repeat: int) -> None:
     import torch
 
-    import onnxruntime as ort
-
+    from broadface.fileio import atomic_torch_save
     from broadface.infer.export import check_onnx_parity, export_onnx
-    from broadface.models import build_model
+    from broadface.models import build_model, recalibrate_batchnorm
+    from broadface.models.loader import load_model
+    from broadface.models.onnx import OnnxEmbedder
 
     threads = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             torch.manual_seed(0)
-            model = build_model(name, embedding_size=512 if name.startswith("iresnet") else 128).eval()
+            model = build_model(name, embedding_size=512 if name.startswith("iresnet") else 128)
+            recalibrate_batchnorm(model, [torch.rand(4, 3, 112, 112) * 2 - 1])
+            ckpt = atomic_torch_save({"format": "broadface", "version": 1, "model": model.config,
+                                      "backbone": model.state_dict()}, Path(tmp) / f"{name}.pt")
             path = export_onnx(model, Path(tmp) / f"{name}.onnx")
             parity = check_onnx_parity(model, path, n=4)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            engines = {"pt": load_model(ckpt), "onnx": load_model(path)}
+            engines["onnx"].net = OnnxEmbedder(path, threads=threads)  # the same thread count as PyTorch
             for b in batches:
                 x = torch.rand(b, 3, 112, 112) * 2 - 1
-                xn = x.numpy()
                 with torch.inference_mode():
-                    model(x), model(x)  # warm-up
-                    t_pt = []
-                    for _ in range(repeat):
-                        t0 = time.perf_counter()
-                        model(x)
-                        t_pt.append(time.perf_counter() - t0)
-                sess.run(None, {"data": xn}), sess.run(None, {"data": xn})
-                t_ox = []
-                for _ in range(repeat):
-                    t0 = time.perf_counter()
-                    sess.run(None, {"data": xn})
-                    t_ox.append(time.perf_counter() - t0)
-                pt, ox = statistics.median(t_pt), statistics.median(t_ox)
+                    pt, ox = (_median_seconds(engines[k], x, repeat) for k in ("pt", "onnx"))
                 rows.append([name, b, f"{b / pt:.1f}", f"{b / ox:.1f}", f"{pt / ox:.2f}x", f"{parity:.1e}"])
                 print(f"    ... {name} batch {b} done", file=sys.stderr)
-    table(f"(d) Embedding throughput on CPU ({threads} threads each), images/s (median of {repeat})",
+    table(f"(d) Embedding throughput at 112 px on CPU ({threads} threads each), images/s (median of {repeat})",
           ["model", "batch", "PyTorch", "ONNX Runtime", "ORT speed-up", "max |Δ| (L2-normed)"], rows)
 
 

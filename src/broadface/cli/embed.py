@@ -1,4 +1,4 @@
-"""``broadface embed CHECKPOINT FOLDER --out emb.npy``: embed every image in a folder."""
+"""``broadface embed MODEL FOLDER --out emb.npy``: embed every image in a folder."""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +7,19 @@ import io
 import time
 from pathlib import Path
 
-from broadface.cli._inference import add_model_args
+from broadface.cli._inference import add_embed_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "embed",
         help="embed every image in a folder into an .npy matrix plus a .csv index",
-        description="Embed every image under FOLDER (recursively, sorted) with the checkpoint's backbone. "
+        description="Embed every image under FOLDER (recursively, sorted) with MODEL (a broadface checkpoint, "
+        "an ONNX model or an insightface backbone.pth), prepared exactly as for training and `broadface eval`. "
         "Writes OUT (.npy, N x D float32, L2-normalised; image + flip summed by default) and OUT with "
         "suffix .csv (row, path relative to FOLDER, identity = first sub-folder), both atomically.",
     )
-    add_model_args(p)
+    add_embed_args(p)
     p.add_argument("folder", help="folder of (aligned) face images; sub-folders are identities")
     p.add_argument("--out", required=True, help="output .npy file; the index goes beside it as .csv")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
@@ -28,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from broadface.cli._inference import embed_paths, list_images, load_model, make_detector
+    from broadface.cli._inference import embed_paths, load_model, make_detector
+    from broadface.data.folder import find_images
+    from broadface.data.images import IMG_EXTENSIONS
     from broadface.fileio import atomic_write_bytes
 
     out = Path(args.out)
@@ -37,10 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     root = Path(args.folder)
-    paths = list_images(root)
-    model, size = load_model(args)
+    paths = find_images(root)
+    if not paths:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(IMG_EXTENSIONS)}) found")
+    model = load_model(args)
     start = time.perf_counter()
-    emb = embed_paths(model, paths, size, args, make_detector(args.align), args.workers)
+    emb = embed_paths(model, paths, args, make_detector(args.align), args.workers)
     seconds = time.perf_counter() - start
 
     buf = io.BytesIO()
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     index = out.with_suffix(".csv")
     atomic_write_bytes(out, buf.getvalue())
     atomic_write_bytes(index, text.getvalue().encode())
+    print(f"model: {model.summary()}")
     print(f"embedded {len(paths)} image(s) from {root} -> {out} ({emb.shape[0]} x {emb.shape[1]}, "
-          f"flip={'on' if args.flip else 'off'}, input {size}x{size}) and {index} in {seconds:.1f}s "
+          f"flip={'on' if args.flip else 'off'}) and {index} in {seconds:.1f}s "
           f"({len(paths) / max(seconds, 1e-9):.1f} img/s)")
     return 0

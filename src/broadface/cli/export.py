@@ -16,13 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx = sub.add_parser("onnx", help="checkpoint -> ONNX, with a PyTorch/onnxruntime parity check",
                           description="Export CHECKPOINT's backbone to OUT.onnx (BatchNorm folded by default) and "
                                       "print the max |difference| of L2-normalised embeddings vs onnxruntime.")
-    onnx.add_argument("checkpoint", help="broadface checkpoint (.pt) holding 'model' and 'backbone'")
+    onnx.add_argument("checkpoint", help="broadface checkpoint (.pt) or insightface iResNet backbone.pth")
     onnx.add_argument("output", help="ONNX file to write (atomically)")
     onnx.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                       help="keep BatchNorm layers instead of folding them into convs/linears")
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     onnx.add_argument("--input-size", type=int, default=None,
-                      help="input side S (default: the checkpoint's model input_size)")
+                      help="input side S (default: the checkpoint's model input_size; for an insightface "
+                           "state dict the size it was trained at, default 112)")
     onnx.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     onnx.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (opset >= 18)")
     onnx.add_argument("--parity-n", type=int, default=8, help="random images for the parity check (0 skips it)")
@@ -40,18 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from broadface.infer.export import check_onnx_parity, export_onnx
     from broadface.models import count_parameters
-    from broadface.models.checkpoint import load_backbone
+    from broadface.models.loader import input_size_of, load_model
 
     if args.parity_n < 0:
         raise ValueError(f"--parity-n must be >= 0, got {args.parity_n}")
-    model = load_backbone(args.checkpoint)
+    loaded = load_model(args.checkpoint, input_size=args.input_size)  # insightface weights: the size they take
+    if loaded.kind == "onnx":
+        raise ValueError(f"{args.checkpoint} is already an ONNX model")
+    model = loaded.net
     start = time.perf_counter()
     path = export_onnx(model, args.output, input_size=args.input_size, fold_bn=args.fold_bn, opset=args.opset,
                        dynamic_batch=not args.static_batch, dynamo=args.dynamo)
-    size = args.input_size or model.config.get("input_size", 112)
+    size = args.input_size or input_size_of(model)
     print(f"wrote {path} ({model.config['name']}, {count_parameters(model) / 1e6:.2f}M params, "
-          f"input {size}x{size}, opset {args.opset}, fold_bn={args.fold_bn}) "
-          f"in {time.perf_counter() - start:.1f}s")
+          f"input {size}x{size}, opset {args.opset}, fold_bn={args.fold_bn}) in {time.perf_counter() - start:.1f}s")
     if args.parity_n:
         diff = check_onnx_parity(model, path, n=args.parity_n)
         print(f"parity: max |PyTorch - onnxruntime| of L2-normalised embeddings over {args.parity_n} images "

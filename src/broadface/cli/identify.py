@@ -1,4 +1,4 @@
-"""``broadface identify CHECKPOINT probe.jpg --gallery DIR``: rank gallery identities for a probe face."""
+"""``broadface identify MODEL probe.jpg --gallery DIR``: rank gallery identities for a probe face."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broadface.cli._inference import add_model_args
+from broadface.cli._inference import add_embed_args
 
 if TYPE_CHECKING:
     import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Embed every gallery image (DIR/<identity>/<images>), average each identity's "
         "L2-normalised embeddings into one template (re-normalised), and rank the identities by cosine "
         "similarity to the probe. --gallery-cache stores the templates (.npz, no pickles) and reuses "
-        "them while the checkpoint, gallery files and options are unchanged.",
+        "them while the model file, gallery files and options are unchanged.",
     )
-    add_model_args(p)
+    add_embed_args(p)
     p.add_argument("probe", help="probe face image")
     p.add_argument("--gallery", required=True, metavar="DIR", help="gallery folder: one sub-folder per identity")
     p.add_argument("--top-k", type=int, default=5, help="identities to print (default 5)")
@@ -35,28 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _gallery_files(root: Path) -> list[tuple[str, Path]]:
-    """(identity, image path) for every image one level below ``root``'s identity folders."""
-    from broadface.cli._inference import IMAGE_SUFFIXES
+    """(identity, image path) for every image of the identity folders of ``root`` (the FaceFolder listing)."""
+    from broadface.data.folder import FaceFolder
 
-    if not root.is_dir():
-        raise FileNotFoundError(f"gallery folder {root} does not exist or is not a directory")
-    items = [
-        (d.name, f)
-        for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
-        for f in sorted(d.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        and not f.name.startswith(".")
-    ]
-    if not items:
-        raise FileNotFoundError(f"{root}: no images in identity sub-folders (expected DIR/<identity>/<image>)")
-    return items
+    try:
+        folder = FaceFolder(root)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--gallery {err}") from None
+    return [(folder.classes[label], Path(path)) for path, label in folder.samples]
 
 
-def _fingerprint(checkpoint: Path, items: list[tuple[str, Path]], args: argparse.Namespace, size: int) -> str:
-    """Hash of everything the templates depend on: checkpoint bytes, gallery files, options."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} flip={args.flip} align={args.align} size={size}\n".encode())
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def _fingerprint(model, items: list[tuple[str, Path]], args: argparse.Namespace) -> str:
+    """Hash of everything the templates depend on: model file, preprocessing, gallery files, options."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} flip={args.flip} align={args.align} model={model.sha256} "
+                       f"input={model.preprocessing.describe()}\n".encode())
     for ident, p in items:
         st = p.stat()
         h.update(f"{ident}/{p.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -83,7 +75,7 @@ def _load_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, n
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["fingerprint"]) != fingerprint:
-                print(f"gallery cache {path} is stale (checkpoint, gallery or options changed): re-embedding",
+                print(f"gallery cache {path} is stale (model, gallery or options changed): re-embedding",
                       file=sys.stderr)
                 return None
             return z["identities"], z["templates"], z["counts"]
@@ -106,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
     if cache is not None and cache.suffix != ".npz":
         raise ValueError(f"--gallery-cache {cache}: expected a .npz file name")
     items = _gallery_files(Path(args.gallery))
-    model, size = load_model(args)
+    model = load_model(args)
     detector = make_detector(args.align)
 
-    fingerprint = _fingerprint(Path(args.checkpoint), items, args, size) if cache else ""
+    fingerprint = _fingerprint(model, items, args) if cache else ""
     cached = _load_cache(cache, fingerprint) if cache else None
     if cached is None:
-        emb = embed_paths(model, [p for _, p in items], size, args, detector)
+        emb = embed_paths(model, [p for _, p in items], args, detector)
         names, templates, counts = build_templates(emb, [ident for ident, _ in items])
         if cache:
             import io
@@ -124,19 +116,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         names, templates, counts = cached
         print(f"gallery cache reused: {cache} ({len(names)} identities)", file=sys.stderr)
-    if templates.shape[1] != getattr(model, "config", {}).get("embedding_size", templates.shape[1]):
-        raise ValueError(f"{cache}: templates are {templates.shape[1]}-d but the model embeds to "
-                         f"{model.config['embedding_size']}-d")
+    if templates.shape[1] != model.dim:
+        raise ValueError(f"{cache}: templates are {templates.shape[1]}-d but the model embeds to {model.dim}-d")
 
-    query = embed_paths(model, [probe], size, args, detector)[0]
+    query = embed_paths(model, [probe], args, detector)[0]
     scores = templates @ query
     order = np.argsort(-scores, kind="stable")[: args.top_k]
     if args.json:
-        print(json.dumps({"probe": str(probe), "ranking": [
+        print(json.dumps({"probe": str(probe), "model": model.describe(), "ranking": [
             {"rank": r + 1, "identity": str(names[i]), "score": round(float(scores[i]), 6), "images": int(counts[i])}
             for r, i in enumerate(order)]}))
         return 0
     width = max(8, *(len(str(names[i])) for i in order))
+    print(f"model: {model.summary()}")
     print(f"probe {probe} vs {len(names)} identities ({int(counts.sum())} gallery images)")
     print(f"{'rank':>4}  {'identity':<{width}}  {'cosine':>7}  {'images':>6}")
     for r, i in enumerate(order):

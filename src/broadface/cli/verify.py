@@ -1,10 +1,10 @@
-"""``broadface verify CHECKPOINT a.jpg b.jpg``: are two faces the same person?"""
+"""``broadface verify MODEL a.jpg b.jpg``: are two faces the same person?"""
 from __future__ import annotations
 
 import argparse
 import json
 
-from broadface.cli._inference import DEFAULT_THRESHOLD, add_model_args
+from broadface.cli._inference import DEFAULT_THRESHOLD, add_embed_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"generic default {DEFAULT_THRESHOLD} (calibrate it for your model). Images must be aligned crops, "
         "or pass --align to detect and align raw photos.",
     )
-    add_model_args(p)
+    add_embed_args(p)
     p.add_argument("image_a", help="first face image")
     p.add_argument("image_b", help="second face image")
     group = p.add_mutually_exclusive_group()
@@ -38,14 +38,15 @@ def run(args: argparse.Namespace) -> int:
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"image {p} does not exist")
-    model, size = load_model(args)
-    emb = embed_paths(model, paths, size, args, make_detector(args.align))
+    model = load_model(args)
+    emb = embed_paths(model, paths, args, make_detector(args.align))
     score = float(emb[0] @ emb[1])
     same = score >= threshold
     if args.json:
         print(json.dumps({"image_a": str(paths[0]), "image_b": str(paths[1]), "score": round(score, 6),
-                          "threshold": threshold, "same": same}))
+                          "threshold": threshold, "same": same, "model": model.describe()}))
     else:
+        print(f"model              {model.summary()}")
         print(f"cosine similarity  {score:.4f}")
         print(f"threshold          {threshold:.4f} ({source})")
         print(f"decision           {'SAME person' if same else 'DIFFERENT people'}")

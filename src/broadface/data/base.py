@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from broadface.data.images import ImageDecodeError
-from broadface.data.transforms import chw_float_array
+from broadface.data.pipeline import normalize
 
 Transform = Callable[..., torch.Tensor]
 ON_ERROR = ("raise", "skip")
@@ -33,9 +33,7 @@ ON_ERROR = ("raise", "skip")
 
 def to_unit_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> float32 CHW tensor in [0, 1] (what ``transform=None`` returns)."""
-    x = chw_float_array(img)
-    np.divide(x, 255.0, out=x)
-    return torch.from_numpy(x)
+    return normalize(img, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
 
 
 def call_transform(transform: Transform | None, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:

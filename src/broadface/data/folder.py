@@ -1,9 +1,11 @@
-"""``FaceFolder``: one sub-folder per identity, images decoded lazily.
+"""``FaceFolder``: one sub-folder per identity, images decoded lazily; and the one folder listing.
 
 Layout ``root/<class>/<image>``; classes are the sub-folder names in sorted (code-point)
 order and label ``i`` is ``classes[i]``; images inside a class are sorted by file name, so
 the sample list is identical on every machine. Listing uses ``os.scandir`` and never opens
-an image (LFW's 13,233 files list in well under a second).
+an image (LFW's 13,233 files list in well under a second). :func:`find_images` lists a whole
+tree the same way (``broadface embed`` / ``align``, unlabeled distillation images). An image is
+a file with a suffix in :data:`broadface.data.images.IMG_EXTENSIONS`, hidden names excluded.
 """
 from __future__ import annotations
 
@@ -42,6 +44,21 @@ def list_images(folder: str | os.PathLike, extensions: Iterable[str] = IMG_EXTEN
         )
 
 
+def find_images(root: str | os.PathLike, extensions: Iterable[str] = IMG_EXTENSIONS) -> list[Path]:
+    """Every image under ``root``, recursively, sorted by relative path (folder by folder); hidden
+    files and folders skipped. FileNotFoundError if ``root`` is not a folder; the list may be empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    exts = _norm_exts(extensions)
+    out: list[tuple[tuple[str, ...], Path]] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(root).parts
+        out += [((*rel, f), Path(folder) / f) for f in files if not f.startswith(".") and f.lower().endswith(exts)]
+    return [p for _, p in sorted(out)]
+
+
 class FaceFolder(ImageDataset):
     """Folder-per-identity dataset.
 
@@ -78,7 +95,8 @@ class FaceFolder(ImageDataset):
             classes = check_classes(classes, f"{self.root} classes=")
             missing = sorted(set(classes) - set(found))
             if missing:
-                raise ValueError(f"{self.root}: class folder(s) not found: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+                more = " ..." if len(missing) > 5 else ""
+                raise ValueError(f"{self.root}: class folder(s) not found: {missing[:5]}{more}")
         exts = _norm_exts(extensions)
         samples: list[tuple[str, int]] = []
         for label, name in enumerate(classes):
@@ -106,7 +124,8 @@ class FaceFolder(ImageDataset):
             if isinstance(label, bool) or not isinstance(label, int) or label < 0:
                 raise ValueError(f"from_samples: label of {path} must be a non-negative int, got {label!r}")
         top = max(label for _, label in samples)
-        classes = [str(i) for i in range(top + 1)] if classes is None else check_classes(classes, "from_samples classes=")
+        classes = ([str(i) for i in range(top + 1)] if classes is None
+                   else check_classes(classes, "from_samples classes="))
         if top >= len(classes):
             bad = next(p for p, label in samples if label >= len(classes))
             raise ValueError(f"from_samples: label {top} of {bad} is outside the {len(classes)} classes given")

@@ -1,8 +1,10 @@
 """Decode image files or bytes into RGB (or grayscale) PIL images, with errors that name the source.
 
-Everything the data layer reads goes through :func:`decode_image`, so grayscale, 16-bit,
-RGBA, palette and CMYK inputs all come out in one mode, and a corrupt or truncated file
-raises :class:`ImageDecodeError` naming it rather than a bare Pillow traceback.
+Every image broadface reads (training, evaluation, the CLI, alignment, the teacher) goes through
+:func:`decode_image`: the EXIF orientation is applied (a phone photo stored sideways comes out
+upright), grayscale, 16-bit, RGBA, palette and CMYK inputs all come out in one mode, and a
+corrupt or truncated file raises :class:`ImageDecodeError` naming it rather than a bare Pillow
+traceback. :data:`IMG_EXTENSIONS` is the one list of file suffixes counted as images.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from broadface.fileio import atomic_write_bytes
 
-IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".pgm", ".bmp")
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff")
+_ORIENTATION = 0x0112  # EXIF tag
 
 Source = Union[str, os.PathLike, bytes]
 
@@ -35,8 +38,15 @@ def _as_mode(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (only when it is not already upright: no copy in the common case)."""
+    if im.getexif().get(_ORIENTATION, 1) in (1, None):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Image.Image:
-    """Fully decode ``src`` (path or encoded bytes) into a ``mode`` image.
+    """Fully decode ``src`` (path or encoded bytes) into an upright ``mode`` image.
 
     ``name`` is used in error messages (defaults to the path). Decoding is forced here
     (``Image.load``) so truncated files fail now, not later inside a transform.
@@ -47,7 +57,7 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
         fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
         with Image.open(fp) as im:
             im.load()
-            return _as_mode(im, mode)
+            return _as_mode(_upright(im), mode)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 

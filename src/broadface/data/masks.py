@@ -198,6 +198,17 @@ def render_mask(shape: tuple[int, int], rng: np.random.Generator, landmarks: np.
     weight = _pattern(spec, h, t, rng)[..., None]
     rgb = base * (1 - weight) + np.asarray(spec.color2, np.float32) * weight
 
+    shade, rgb = _shading(spec, h, t, alpha, unit, rgb, rng)
+    light = _scene_light(image, alpha, h, t, (y0, y1, x0, x1))
+    rgb = np.clip(rgb * (shade * light)[..., None], 0, 1)
+    rgb = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), max(0.3, 0.012 * unit))  # the photo's softness
+    rgb_out[y0:y1, x0:x1], alpha_out[y0:y1, x0:x1] = rgb, alpha
+    return rgb_out, alpha_out
+
+
+def _shading(spec: MaskSpec, h: np.ndarray, t: np.ndarray, alpha: np.ndarray, unit: float, rgb: np.ndarray,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel shading of the mask (and its colour, which a valve changes), in face coordinates ``h``, ``t``."""
     # Shape shading: Lambert on an ellipsoid over the face, lit from the front and slightly above.
     tc, rh, rt = _BULGE[spec.style]
     nx, ny = np.clip(h / rh, -0.97, 0.97), np.clip((t - tc) / rt, -0.97, 0.97)
@@ -224,10 +235,14 @@ def render_mask(shape: tuple[int, int], rng: np.random.Generator, landmarks: np.
     dist = cv2.distanceTransform((alpha > 0.5).astype(np.uint8), cv2.DIST_L2, 3) / unit
     shade -= 0.05 * (dist < 0.06) * (spec.style != "cloth") + 0.06 * np.exp(-dist / 0.05)
     coarse, fine = {"surgical": (0.015, 0.012), "n95": (0.03, 0.02), "cloth": (0.04, 0.025)}[spec.style]
-    shade = shade * _fabric_noise((roi_h, roi_w), rng, coarse, fine)
+    return shade * _fabric_noise(alpha.shape, rng, coarse, fine), rgb
 
-    # Scene lighting: plane fitted to the covered pixels' luminance (no facial detail leaks through).
-    light = np.ones((roi_h, roi_w), np.float32)
+
+def _scene_light(image: np.ndarray | None, alpha: np.ndarray, h: np.ndarray, t: np.ndarray,
+                 box: tuple[int, int, int, int]) -> np.ndarray:
+    """Brightness of the scene over the mask's box: a plane fitted to the luminance of the covered skin."""
+    y0, y1, x0, x1 = box  # no facial detail leaks through: only a plane over the covered pixels
+    light = np.ones(alpha.shape, np.float32)
     if image is not None:
         lum = image[y0:y1, x0:x1].astype(np.float32).mean(2) / 255
         sel = alpha > 0.5
@@ -238,10 +253,7 @@ def render_mask(shape: tuple[int, int], rng: np.random.Generator, landmarks: np.
             plane = (coef[0] * h + coef[1] * t + coef[2]) / mean
             level = float(np.clip((mean / 0.5) ** 0.7, 0.45, 1.1))
             light = level * np.clip(1 + 0.6 * (plane - 1), 0.7, 1.3)
-    rgb = np.clip(rgb * (shade * light)[..., None], 0, 1)
-    rgb = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), max(0.3, 0.012 * unit))  # the photo's softness
-    rgb_out[y0:y1, x0:x1], alpha_out[y0:y1, x0:x1] = rgb, alpha
-    return rgb_out, alpha_out
+    return light
 
 
 def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n: int = 16) -> np.ndarray:

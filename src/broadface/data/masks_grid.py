@@ -20,28 +20,31 @@ def sample_faces(root: Path, n: int, rng: np.random.Generator) -> list[Path]:
     if not people:
         raise FileNotFoundError(f"{root}: no identity folders with aligned faces")
     picks = rng.choice(len(people), size=min(n, len(people)), replace=False)
+    from broadface.data.folder import list_images
+
     out = []
     for i in sorted(picks):
-        files = sorted(f for f in people[i].iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        files = list_images(people[i])
         if files:
-            out.append(files[rng.integers(len(files))])
+            out.append(people[i] / files[rng.integers(len(files))])
     return out
 
 
 def render_grid(paths: list[Path], seed: int = 0, cols: int = 8, scale: int = 2, style: str | None = None,
                 with_original: bool = False) -> np.ndarray:
-    """Masked faces tiled into one RGB uint8 image (``scale``x nearest-free upsampling for viewing)."""
-    import cv2
+    """Masked faces tiled into one RGB uint8 image (``scale``x enlarged for viewing by the pipeline's resize)."""
+    from PIL import Image
 
-    from broadface.data.masks import apply_mask
     from broadface.data.images import read_rgb
+    from broadface.data.masks import apply_mask
+    from broadface.data.pipeline import resize
 
     tiles = []
     for i, p in enumerate(paths):
         face = read_rgb(p)
         masked = apply_mask(face, np.random.default_rng([seed, i]), style=style)
         tile = np.hstack([face, masked]) if with_original else masked
-        tiles.append(cv2.resize(tile, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC))
+        tiles.append(np.asarray(resize(Image.fromarray(tile), (tile.shape[0] * scale, tile.shape[1] * scale))))
     if not tiles:
         raise ValueError("no faces to render")
     cols = max(1, min(cols, len(tiles)))

@@ -48,7 +48,8 @@ def read_lfw_pairs(pairs_txt: str | os.PathLike) -> list[LFWPair]:
     try:
         folds, per_side = (int(v) for v in head)
     except ValueError:
-        raise ValueError(f"{path}:{lineno}: header must be '<folds> <pairs per side>', got {' '.join(head)!r}") from None
+        got = " ".join(head)
+        raise ValueError(f"{path}:{lineno}: header must be '<folds> <pairs per side>', got {got!r}") from None
     body = lines[1:]
     if folds < 1 or per_side < 1 or len(body) != 2 * folds * per_side:
         raise ValueError(f"{path}: header says {folds} folds x 2 x {per_side} pairs = {2 * folds * per_side} "

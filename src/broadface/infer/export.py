@@ -22,18 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from broadface.data.pipeline import Preprocessing
 from broadface.fileio import atomic_path
 from broadface.infer.fold_bn import fold_batchnorm
+from broadface.models.loader import input_size_of
+from broadface.models.onnx import onnx_session
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
 _MAX_BYTES = 2_000_000_000  # protobuf limit for a single-file ONNX model
-
-
-def _input_size(model: nn.Module, input_size: int | None) -> int:
-    if input_size is not None:
-        return int(input_size)
-    return int(getattr(model, "config", {}).get("input_size", 112))
 
 
 def _inference_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
@@ -46,16 +43,18 @@ def _inference_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | None = None,
                 fold_bn: bool = True, opset: int = 17, dynamic_batch: bool = True,
-                dynamo: bool = False) -> Path:
+                dynamo: bool = False, preprocessing: Preprocessing | None = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (written atomically) and return the path.
 
-    ``input_size`` None means ``model.config['input_size']`` (112 without a config). The model itself is
-    not modified (export works on a float32 CPU copy).
+    ``input_size`` None means the model's own (``model.config['input_size']``). The model itself is
+    not modified (export works on a float32 CPU copy). ``preprocessing`` (default: the training
+    pipeline's, RGB ``(x - 127.5) / 127.5``) is recorded in the metadata.
     """
     import onnx
 
     path = Path(path)
-    size = _input_size(model, input_size)
+    size = int(input_size) if input_size is not None else input_size_of(model)
+    pre = preprocessing or Preprocessing(size=size)
     if dynamo and opset < 18:
         raise ValueError(f"opset {opset}: the dynamo exporter needs opset >= 18 (or use dynamo=False)")
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -83,7 +82,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Non
         proto = onnx.load(tmp)
         meta = {
             "broadface.config": json.dumps(getattr(model, "config", {"name": type(model).__name__})),
-            "broadface.input": f"{INPUT_NAME}: N x 3 x {size} x {size} float32, RGB, (pixel - 127.5) / 127.5",
+            "broadface.input": f"{INPUT_NAME}: N x 3 x {size} x {size} float32, {pre.normalization()}",
             "broadface.output": f"{OUTPUT_NAME}: N x D raw embedding; L2-normalise before cosine similarity",
             "broadface.fold_bn": str(bool(fold_bn)),
         }
@@ -95,19 +94,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Non
     return path
 
 
-def onnx_session(path: str | os.PathLike):
-    """onnxruntime CPU session for an exported model (ValueError naming the file if unreadable)."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist")
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise ValueError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {err})") from None
-
-
 def check_onnx_parity(model: nn.Module, path: str | os.PathLike, n: int = 8,
                       inputs: torch.Tensor | None = None, seed: int = 0) -> float:
     """Max |difference| between L2-normalised embeddings of ``model`` (PyTorch, float32,
@@ -117,7 +103,7 @@ def check_onnx_parity(model: nn.Module, path: str | os.PathLike, n: int = 8,
     if inputs is None:
         size = session.get_inputs()[0].shape[-1]
         if not isinstance(size, int):
-            size = _input_size(model, None)
+            size = input_size_of(model)
         gen = torch.Generator().manual_seed(seed)
         inputs = torch.rand(n, 3, size, size, generator=gen) * 2 - 1
     ref_model = _inference_copy(model, fold_bn=False)

@@ -6,18 +6,26 @@ gallery items belonging to no probe identity. Similarity is cosine.
 * CMC (closed set): ``cmc[r]`` = fraction of probes with a same-identity
   gallery item among their r most similar gallery items (rank-r accuracy).
   Every probe must have a mate in the gallery.
-* TPIR@FPIR (open set, NIST FRVT / IJB-C 1:N): probes whose identity is not in
-  the gallery are *non-mated*. At threshold t, FPIR(t) = fraction of non-mated
-  probes whose best gallery score exceeds t; TPIR(t) = fraction of mated probes
-  whose mate is within ``rank`` and scores above t. For each target FPIR the
-  threshold is the lowest one with FPIR <= target (strict, no interpolation).
+* TPIR@FPIR (open set, NIST FRVT / IJB-C 1:N, ``rule="nist"``): probes whose
+  identity is not in the gallery are *non-mated*. At threshold t, FPIR(t) =
+  fraction of non-mated probes whose best gallery score exceeds t; TPIR(t) =
+  fraction of mated probes whose mate is within ``rank`` and scores above t. For
+  each target FPIR the threshold is the lowest one with FPIR <= target (strict,
+  no interpolation).
+* ``rule="insightface"`` (insightface ``ijb_1n.py``, every probe mated): the
+  threshold is the ``ceil(F * n_probes)``-th highest of *all* non-mate
+  comparison scores (probe x non-mated gallery item), i.e. F false alarms per
+  search on average; TPIR = fraction of probes whose mate scores above it,
+  whatever its rank. ``n_non_mated`` then counts comparisons, not probes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+import torch
 
 from broadface.metrics import _arrays
 from broadface.metrics.retrieval import encode_labels
@@ -80,14 +88,19 @@ def cmc(probe_emb: Any, probe_labels: Any, gallery_emb: Any, gallery_labels: Any
 
 def tpir_at_fpir(probe_emb: Any, probe_labels: Any, gallery_emb: Any, gallery_labels: Any,
                  fpirs: Sequence[float] = (1e-3, 1e-2, 1e-1), rank: int = 1, distractors: Any = None, *,
-                 backend: Backend = "auto", chunk: int = 1024) -> OpenSetResult:
-    """Open-set TPIR at each target FPIR (see module doc)."""
+                 backend: Backend = "auto", chunk: int = 1024, rule: Literal["nist", "insightface"] = "nist"
+                 ) -> OpenSetResult:
+    """Open-set TPIR at each target FPIR (see module doc for both rules)."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if rule not in ("nist", "insightface"):
+        raise ValueError(f"rule must be 'nist' or 'insightface', got {rule!r}")
     targets = np.asarray(fpirs, dtype=np.float64).reshape(-1)
     if targets.size == 0 or not np.all((targets >= 0) & (targets <= 1)):
         raise ValueError(f"fpirs must be values in [0, 1], got {list(fpirs)}")
     p, pc, parts, gc, mated = _prepare(probe_emb, probe_labels, gallery_emb, gallery_labels, distractors)
+    if rule == "insightface":
+        return _tpir_all_comparisons(p, pc, np.concatenate(parts), gc, mated, targets, chunk)
     n_m, n_nm = int(mated.sum()), int((~mated).sum())
     if n_m == 0 or n_nm == 0:
         raise ValueError(f"open-set identification needs mated and non-mated probes, got {n_m} and {n_nm}")
@@ -102,3 +115,31 @@ def tpir_at_fpir(probe_emb: Any, probe_labels: Any, gallery_emb: Any, gallery_la
         tpir[i] = np.mean(mate_score > thr[i])
         achieved[i] = np.mean(non_mated_top > thr[i])
     return OpenSetResult(targets, tpir, thr, achieved, int(rank), n_m, n_nm)
+
+
+def _tpir_all_comparisons(p: np.ndarray, pc: np.ndarray, g: np.ndarray, gc: np.ndarray, mated: np.ndarray,
+                          targets: np.ndarray, chunk: int) -> OpenSetResult:
+    """``rule="insightface"``: thresholds from the highest non-mate comparison scores over all probes."""
+    if not mated.all():
+        raise ValueError(f"rule='insightface' needs every probe mated; {int((~mated).sum())} of {mated.size} are not")
+    n = p.shape[0]
+    need = [max(1, math.ceil(float(f) * n)) for f in targets]  # false alarms allowed over all searches
+    keep = max(need)
+    gallery, labels = torch.from_numpy(g), torch.from_numpy(gc)
+    mate = np.empty(n)
+    top = torch.empty(0)
+    with torch.inference_mode():
+        for q0 in range(0, n, chunk):
+            sim = torch.from_numpy(p[q0:q0 + chunk]) @ gallery.T
+            same = torch.from_numpy(pc[q0:q0 + chunk])[:, None] == labels[None, :]
+            mate[q0:q0 + sim.shape[0]] = sim.masked_fill(~same, -torch.inf).amax(1).numpy()
+            flat = sim.masked_fill(same, -torch.inf).flatten()
+            top = torch.cat([top, flat.topk(min(keep, flat.numel())).values])
+            top = top.topk(min(keep, top.numel())).values
+    top_np = top.double().numpy()
+    per_label = np.bincount(gc[gc >= 0], minlength=int(pc.max()) + 1)
+    n_non = n * g.shape[0] - int(per_label[pc].sum())
+    thr = np.array([top_np[k - 1] if k <= top_np.size else -np.inf for k in need])
+    tpir = np.array([np.mean(mate > t) for t in thr])
+    achieved = np.array([np.sum(top_np > t) / n for t in thr])
+    return OpenSetResult(targets, tpir, thr, achieved, 0, n, n_non)

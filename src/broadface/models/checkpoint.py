@@ -35,22 +35,40 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = load_torch(path, map_location)  # weights_only=True: data, never code
     except ValueError as err:
         raise ValueError(str(err).replace("not a loadable torch file", "not a loadable checkpoint", 1)) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    return check_checkpoint(ckpt, path)
+
+
+def check_checkpoint(ckpt: object, path: str | os.PathLike) -> dict:
+    """``ckpt`` (loaded from ``path``) if it is a broadface checkpoint this version can read, else ValueError."""
+    if not is_checkpoint(ckpt):
         raise ValueError(f"{path}: not a broadface checkpoint (missing format='{FORMAT}')")
-    if int(ckpt.get("version", 0)) > VERSION:
+    if int(ckpt.get("version", 0)) > VERSION:  # type: ignore[union-attr]
         raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this broadface ({VERSION})")
-    return ckpt
+    return ckpt  # type: ignore[return-value]
 
 
 def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the backbone stored in a checkpoint, in eval mode, ready for embedding."""
+    return backbone_from_checkpoint(load_checkpoint(path, map_location), path)
+
+
+def is_checkpoint(obj: object) -> bool:
+    """True for a loaded broadface checkpoint dict (``format='broadface'``)."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def backbone_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> torch.nn.Module:
+    """The backbone of an already loaded checkpoint ``ckpt`` (read from ``path``), in eval mode."""
     from broadface.models import build_model
 
-    ckpt = load_checkpoint(path, map_location)
     if "model" not in ckpt or "backbone" not in ckpt:
         raise ValueError(f"{path}: checkpoint holds no backbone (keys: {sorted(ckpt)})")
-    model = build_model(**ckpt["model"])
-    model.load_state_dict(ckpt["backbone"])
+    try:
+        model = build_model(**ckpt["model"])
+        model.load_state_dict(ckpt["backbone"])
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"{path}: the backbone does not fit its model config {ckpt['model']} "
+                         f"({str(err).splitlines()[0]})") from None
     return model.eval()
 
 

@@ -43,8 +43,10 @@ def iresnet_config_from_state_dict(state_dict: dict[str, torch.Tensor], input_si
     embedding_size, fc_in = (int(n) for n in state_dict["fc.weight"].shape)
     side = math.isqrt(fc_in // (8 * base_width))
     if side * side * 8 * base_width != fc_in or feature_map_size(input_size, 4) != side:
+        hint = f"; pass the size the weights were trained at (--input-size S, {16 * side - 15} <= S <= {16 * side})" \
+            if side * side * 8 * base_width == fc_in else ""
         raise ValueError(f"fc.weight expects {fc_in} inputs = {8 * base_width} x {side} x {side}, which does "
-                         f"not fit input_size={input_size} (feature map {feature_map_size(input_size, 4)})")
+                         f"not fit input_size={input_size} (feature map {feature_map_size(input_size, 4)}){hint}")
     names = {tuple(v): k for k, v in IRESNET_LAYERS.items()}
     config: dict = {"name": names.get(tuple(counts), "iresnet"), "embedding_size": embedding_size,
                     "input_size": int(input_size)}
@@ -55,25 +57,44 @@ def iresnet_config_from_state_dict(state_dict: dict[str, torch.Tensor], input_si
     return config
 
 
+def is_insightface_state_dict(obj: object) -> bool:
+    """True for an (optionally ``module.``-prefixed or ``{"state_dict": ...}``-wrapped) iResNet state dict."""
+    state = _unwrap(obj)
+    return isinstance(state, dict) and "conv1.weight" in state and "fc.weight" in state
+
+
+def _unwrap(obj: object) -> object:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return _strip_prefix(obj) if isinstance(obj, dict) else obj
+
+
 def load_insightface(path: str | os.PathLike, input_size: int = 112) -> torch.nn.Module:
     """Build the matching broadface iResNet and load insightface weights from ``path`` (eval mode)."""
-    from broadface.models import build_model
+    from broadface.fileio import load_torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"insightface checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
-    state = _strip_prefix(state.get("state_dict", state) if isinstance(state, dict) else state)
+        state = load_torch(path)  # weights_only=True: a state dict is tensors only
+    except ValueError as err:
+        raise ValueError(str(err).replace("not a loadable torch file", "not a loadable weights file", 1)) from None
+    return model_from_state_dict(state, path, input_size)
+
+
+def model_from_state_dict(state: object, path: str | os.PathLike, input_size: int = 112) -> torch.nn.Module:
+    """The broadface iResNet holding the insightface weights ``state`` (read from ``path``), in eval mode."""
+    from broadface.models import build_model
+
+    state = _unwrap(state)
     try:
-        config = iresnet_config_from_state_dict(state, input_size)
+        config = iresnet_config_from_state_dict(state, input_size)  # type: ignore[arg-type]
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     model = build_model(**config)
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False)  # type: ignore[arg-type]
     except RuntimeError as err:  # tensor shape mismatch
         raise ValueError(f"{path}: weights do not fit {config['name']}: {str(err).splitlines()[-1].strip()}") from None
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]

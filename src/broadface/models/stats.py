@@ -21,7 +21,9 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = input_size or getattr(model, "config", {}).get("input_size", 112)
+    from broadface.models.loader import input_size_of
+
+    size = input_size or input_size_of(model)
     param = next(model.parameters())
     x = torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)
     was_training = model.training

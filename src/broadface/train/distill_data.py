@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from broadface.data.base import ImageDataset, Transform
+from broadface.data.folder import find_images
 from broadface.data.images import IMG_EXTENSIONS, decode_image
 
 UNLABELED = -1
@@ -31,7 +32,7 @@ class UnlabeledImages(ImageDataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"distill.unlabeled_root {root} is not a folder")
-        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        files = [str(p) for p in find_images(root)]
         if not files:
             raise ValueError(f"distill.unlabeled_root {root}: no images ({', '.join(IMG_EXTENSIONS)}) found")
         super().__init__(len(files), transform, on_error)

@@ -1,7 +1,7 @@
 """Teacher embeddings computed once and memory-mapped: ``cache.npy`` (N x 2 x D) + ``cache.npy.json``.
 
-Row ``[i, 0]`` is the teacher's unit embedding of sample ``i`` (resized to the teacher's
-input size, no augmentation), ``[i, 1]`` of its horizontal flip, so a training view is
+Row ``[i, 0]`` is the teacher's unit embedding of sample ``i`` (prepared by the image pipeline
+for the teacher: its size and normalisation, no augmentation), ``[i, 1]`` of its horizontal flip, so a training view is
 looked up by ``key = 2 * i + flipped`` (see :mod:`broadface.train.distill_data`). Synthetic
 masks are *not* in the cache: with ``data.mask_prob`` a masked student view is pulled towards
 the teacher's embedding of the unmasked face.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from broadface.data.transforms import EvalTransform
+from broadface.data.pipeline import Preprocessing
 from broadface.fileio import atomic_path, atomic_write_json
 from broadface.train.teacher import Teacher
 
@@ -36,10 +36,10 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 class _TeacherView(Dataset):
-    """Sample ``index`` of a concatenation of image data sets, un-augmented at the teacher's size."""
+    """Sample ``index`` of a concatenation of image data sets, un-augmented, prepared for the teacher."""
 
-    def __init__(self, parts: list[Dataset], size: int):
-        self.parts, self.transform = parts, EvalTransform(size)
+    def __init__(self, parts: list[Dataset], preprocessing: Preprocessing):
+        self.parts, self.transform = parts, preprocessing
         self.bounds = np.cumsum([0] + [len(p) for p in parts])  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -59,7 +59,7 @@ def build_cache(path: str | os.PathLike, teacher: Teacher, parts: list[Dataset],
     """Embed every sample (plain and flipped) with ``teacher``; write ``path`` and its sidecar; return the memmap."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    view = _TeacherView(parts, teacher.input_size)
+    view = _TeacherView(parts, teacher.preprocessing)
     n = len(view)
 
     def write(tmp: str) -> None:
@@ -68,7 +68,7 @@ def build_cache(path: str | os.PathLike, teacher: Teacher, parts: list[Dataset],
         # its own generator: building the cache must not move the global RNG (a fresh run == a run on a cache)
         for images in DataLoader(view, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
             for f in (0, 1):
-                emb = teacher(images.flip(-1) if f else images)
+                emb = teacher.embed_prepared(images.flip(-1) if f else images)
                 out[row:row + len(images), f] = emb.cpu().numpy().astype(dtype)
             row += len(images)
         out.flush()

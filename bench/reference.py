@@ -1,4 +1,5 @@
-"""Straightforward re-implementations of the published evaluation code paths, for tests.
+"""Straightforward re-implementations of the published evaluation code paths: the baseline of
+``bench/eval.py`` and the independent reference of the metric tests (``from bench.reference import ...``).
 
 Written loop-by-loop after insightface's ``eval/verification.py`` and ``eval_ijbc.py``
 (sklearn KFold, per-threshold counting, sklearn ``roc_curve``), independent of
@@ -86,3 +87,25 @@ def insightface_templates(img_feats: np.ndarray, templates: np.ndarray, medias: 
             media_feats.append(feats[ind_m].mean(0) if ind_m.size > 1 else feats[ind_m][0])
         out[c] = np.sum(media_feats, axis=0)
     return out / np.linalg.norm(out, axis=1, keepdims=True), unique_templates
+
+
+def insightface_1n(probe_feats: np.ndarray, gallery_feats: np.ndarray, mask: list[int], fars=(0.01, 0.1)) -> dict:
+    """ijb_1n.py's evaluation(): top-1/5/10 from a full argsort per probe, and for each FAR the threshold
+    at the ceil(probes * far)-th largest non-mate similarity (heapq), TPIR = share of mate scores above it."""
+    import heapq
+    import math
+
+    q = probe_feats.shape[0]
+    sim = probe_feats @ gallery_feats.T
+    order = np.argsort(-sim, axis=1)
+    out = {f"rank{k}": sum(mask[i] in order[i, :k] for i in range(q)) / q for k in (1, 5, 10)}
+    top = sim.copy()
+    pos = []
+    for i in range(q):
+        pos.append(top[i, mask[i]])
+        top[i, mask[i]] = -2.0
+    pos = np.array(pos)
+    need = [math.ceil(q * far) for far in fars]
+    neg = heapq.nlargest(max(need), top[np.where(top > -2.0)])
+    out["tpir"] = [float(np.sum(pos > neg[k - 1]) / q) for k in need]
+    return out

@@ -1,15 +1,9 @@
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from broadface.data.images import read_rgb
-from broadface.data.transforms import load_images, to_input
 from broadface.models.embed import embed_dataset, embed_tensors
-from broadface.paths import data_root
 
 
 class Tiny(nn.Module):
@@ -74,30 +68,3 @@ def test_embed_dataset_errors():
         embed_dataset(Tiny(), Pairs(torch.zeros(2, 3, 32, 32)), device="meta")
     with pytest.raises(ValueError, match="batch_size"):
         embed_dataset(Tiny(), Pairs(torch.zeros(2, 3, 32, 32)), batch_size=0)
-
-
-def test_normalisation_matches_insightface():
-    img = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
-    ref = ((torch.from_numpy(img).permute(2, 0, 1) / 255) - 0.5) / 0.5
-    assert torch.equal(to_input(img), ref)
-    assert to_input(np.zeros((4, 4, 3), np.uint8)).min() == -1 and to_input(np.full((4, 4, 3), 255, np.uint8)).max() == 1
-    assert to_input(img, 56).shape == (3, 56, 56)
-    assert to_input(img[:, :, 0]).shape == (3, 112, 112)  # grayscale -> 3 channels
-
-
-def test_load_images_real_faces(tmp_path):
-    root = data_root() / "lfw" / "aligned-112x112" / "George_W_Bush"
-    paths = sorted(root.iterdir())[:2]
-    batch = load_images(paths, 112)
-    assert batch.shape == (2, 3, 112, 112) and -1 <= batch.min() < batch.max() <= 1
-    assert load_images(paths[:1], (64, 48)).shape == (1, 3, 64, 48)
-    assert read_rgb(paths[0].read_bytes()).shape == (112, 112, 3)
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="bad.jpg"):
-        load_images([bad])
-    with pytest.raises(FileNotFoundError, match="missing.jpg"):
-        load_images([tmp_path / "missing.jpg"])
-    buf = io.BytesIO()
-    Image.new("L", (10, 10)).save(buf, format="PNG")
-    assert read_rgb(buf.getvalue()).shape == (10, 10, 3)
