@@ -37,7 +37,7 @@ def test_a_gallery_refuses_another_model_with_one_line(ckpts, tmp_path, capsys):
     FaceService.open(ServeConfig(model=str(ckpts[0]), gallery=str(db))).close()
     assert main(["serve", str(ckpts[1]), "--gallery", str(db)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"broadface serve: error: gallery {db} was built with model 'model0.pt' (checkpoint")
+    assert err.startswith(f"broadface serve: error: gallery {db} was built with model 'model0.pt' (broadface")
     assert "not 'model1.pt'" in err and len(err.splitlines()) == 1
     assert main(["serve", str(ckpts[0]), "--gallery", str(db), "--no-flip"]) == 2
     assert "preprocessing" in capsys.readouterr().err
@@ -47,9 +47,9 @@ def test_the_threshold_calibrated_by_broadface_eval_is_served(ckpts, lfw_root, t
     report = tmp_path / "eval.json"
     assert main(["eval", str(ckpts[0]), "--pairs", str(lfw_root / "pairs.txt"), "--images",
                  str(lfw_root / "aligned-112x112"), "--max-pairs", "40", "--folds", "2", "--json", str(report)]) == 0
-    threshold = json.loads(report.read_text())["pairs"]["cosine_threshold"]
+    threshold = json.loads(report.read_text())["results"]["pairs"]["cosine_threshold"]
     c = config(str(ckpts[0]), "--gallery", "g.db", "--threshold-from", str(report))
-    assert c.threshold == threshold and c.threshold_source == f"from {report} (pairs.cosine_threshold)"
+    assert c.threshold == threshold and c.threshold_source == f"from {report} (results.pairs.cosine_threshold)"
 
 
 def test_threshold_sources_and_api_key(ckpts, tmp_path, monkeypatch):

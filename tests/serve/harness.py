@@ -76,14 +76,15 @@ def files(paths: list[Path], field: str = "images") -> list[tuple[str, tuple[str
 
 def reference_embeddings(model: torch.nn.Module, paths: list[Path], size: int) -> np.ndarray:
     """The convention the service must follow, computed here from scratch: RGB resized to ``size``
-    (cv2 bilinear), (x/255 - 0.5)/0.5, f(x) + f(flip(x)) in float64, L2-normalised."""
-    import cv2
+    (Pillow bilinear, antialiased when shrinking, as training), (x/255 - 0.5)/0.5, f(x) + f(flip(x))
+    in float64, L2-normalised."""
+    from PIL import Image
 
     batch = []
     for p in paths:
         rgb = read_rgb(p)
         if rgb.shape[:2] != (size, size):
-            rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+            rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
         batch.append((rgb.astype(np.float32) / 255.0 - 0.5) / 0.5)
     x = torch.from_numpy(np.stack(batch).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():

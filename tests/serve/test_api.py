@@ -105,7 +105,7 @@ def test_verify_records_crops_and_model_info(enrolled, tiny_model, tiny_ckpt, al
     assert [i["id"] for i in ident["images"]] == responses["Al_Gore"]["image_ids"]
     info = client.get("/model").json()
     assert info["model"]["fingerprint"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
-    assert info["model"]["kind"] == "checkpoint" and info["model"]["dim"] == 32 and info["index"]["kind"] == "exact"
+    assert info["model"]["kind"] == "broadface" and info["model"]["dim"] == 32 and info["index"]["kind"] == "exact"
     assert "/search" in client.get("/openapi.json").json()["paths"]
     docs = client.get("/docs").text  # Swagger UI with its script served here, not from a CDN
     assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()

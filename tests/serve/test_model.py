@@ -23,9 +23,9 @@ def test_checkpoint_embeds_like_the_reference_and_reports_itself(tiny_model, tin
     emb = m.embed([read_rgb(p) for p in crops])
     assert emb.dtype == np.float32 and emb.shape == (5, 32)
     np.testing.assert_allclose(emb, reference_embeddings(tiny_model, crops, 56), atol=1e-5)
-    assert m.kind == "checkpoint" and m.dim == 32
+    assert m.kind == "broadface" and m.dim == 32
     assert m.fingerprint == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
-    assert m.preprocessing == {"input_size": [56, 56], "mean": 127.5, "std": 127.5, "bgr": False, "flip": True}
+    assert m.preprocessing == {"size": [56, 56], "mean": [127.5] * 3, "std": [127.5] * 3, "bgr": False, "flip": True}
 
 
 def test_flip_and_bgr_options_change_what_is_computed(tiny_ckpt, crops):
@@ -69,9 +69,9 @@ def test_files_that_are_not_models_are_refused_by_name(tmp_path):
         FaceModel.load(junk)
     other = tmp_path / "list.pt"
     torch.save([1, 2, 3], other)
-    with pytest.raises(ValueError, match="list.pt: neither a broadface checkpoint"):
+    with pytest.raises(ValueError, match="list.pt: a torch file, but neither a broadface checkpoint"):
         FaceModel.load(other)
     bad_onnx = tmp_path / "bad.onnx"
     bad_onnx.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(ValueError, match="bad.onnx: not a loadable ONNX model"):
+    with pytest.raises(ValueError, match="bad.onnx: not a model file broadface can read"):
         FaceModel.load(bad_onnx)

@@ -60,7 +60,7 @@ def test_enrol_and_search_through_the_page(browser, tiny_ckpt, aligned, raw, tmp
     try:
         server.start()
         browser.get(server.url + "/")
-        wait.until(ec.text_to_be_present_in_element((By.ID, "info"), "checkpoint"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "info"), "broadface"))
         for name in ["Abdullah_Gul", "Al_Gore", "Amelie_Mauresmo"]:
             chooser = browser.find_element(By.ID, "enrol-files")
             browser.execute_script("arguments[0].hidden = false", chooser)  # the drop zone's file chooser

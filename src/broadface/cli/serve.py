@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from broadface.cli._inference import DEFAULT_THRESHOLD
+from broadface.cli._inference import DEFAULT_THRESHOLD, add_model_args
 
 API_KEY_ENV = "BROADFACE_API_KEY"
 
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"loopback only by default; with an API key (--api-key-file, or ${API_KEY_ENV}) writes need the "
         "X-API-Key header.",
     )
-    p.add_argument("model", help="model file: broadface checkpoint (.pt), ONNX (.onnx) or insightface backbone.pth")
+    add_model_args(p)  # the model and how to feed it, as for eval / embed / verify / identify
     p.add_argument("--gallery", required=True, metavar="PATH", help="gallery database (SQLite), created if absent")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -37,9 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image in pixels (default 40M)")
     p.add_argument("--max-files", type=int, default=16, help="images per enrol request (default 16)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="embed the image only, not image + flip")
-    p.add_argument("--input-size", type=int, help="model input side, for files that do not record it "
-                   "(insightface .pth, ONNX without fixed sizes)")
-    p.add_argument("--bgr", action="store_true", help="the model expects BGR channel order (RGB by default)")
     p.add_argument("--threads", type=int, default=1, help="torch / faiss threads per request (default 1; "
                    "requests run in parallel)")
     p.set_defaults(func=run)
@@ -70,7 +67,8 @@ def config_from_args(args: argparse.Namespace):
                        threshold_source=source, api_key=_api_key(args), index=args.index, faiss_min=args.faiss_min,
                        nprobe=args.nprobe, max_image_bytes=int(args.max_image_mb * (1 << 20)),
                        max_pixels=args.max_pixels, max_files=args.max_files, flip=args.flip,
-                       input_size=args.input_size, bgr=args.bgr, threads=args.threads)
+                       input_size=args.input_size, bgr=bool(args.bgr), mean=args.mean, std=args.std,
+                       format=args.format, device=args.device, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

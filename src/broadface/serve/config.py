@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from broadface.serve.index import IndexMode
 
@@ -30,6 +31,10 @@ class ServeConfig:
     flip: bool = True  # embed image + horizontal flip
     input_size: int | None = None  # only for models whose file does not say it (insightface, some ONNX)
     bgr: bool = False  # the model wants BGR channel order
+    mean: Sequence[float] | None = None  # normalisation overrides (pixel units), None: what the model says
+    std: Sequence[float] | None = None
+    format: str = "auto"  # model file format: auto, broadface, onnx or insightface
+    device: str = "cpu"
     threads: int = 1  # intra-op threads of torch / faiss per request; requests themselves run in parallel
 
     def __post_init__(self) -> None:

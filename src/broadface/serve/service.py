@@ -68,7 +68,8 @@ class FaceService:
     @classmethod
     def open(cls, config: ServeConfig) -> FaceService:
         """Load the model, open (or create) the gallery it must match, rebuild the index."""
-        model = FaceModel.load(config.model, flip=config.flip, input_size=config.input_size, bgr=config.bgr)
+        model = FaceModel.load(config.model, flip=config.flip, input_size=config.input_size, bgr=config.bgr,
+                               mean=config.mean, std=config.std, format=config.format, device=config.device)
         gallery = Gallery.open(config.gallery, model.describe(), config.index, config.faiss_min, config.nprobe)
         return cls(model, gallery, config)
 
