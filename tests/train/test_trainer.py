@@ -353,3 +353,17 @@ def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path, faces, make_conf
     train(make_config(tmp_path, "train.steps=2"), train_set=faces, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=auto"):
         Trainer(make_config(tmp_path, "train.steps=4"), train_set=faces, progress=False)
+
+
+def test_diagnostics_queue_holds_the_sample_ids_of_the_last_steps(faces, make_config):
+    """head.diagnostics: each queued entry knows which training sample it is and how many steps ago it came."""
+    from broadface.data.loader import epoch_order
+
+    tr = Trainer(make_config(None, "head.queue_size=20", "head.diagnostics=true", "head.storage=full",
+                             "train.steps=4"), train_set=faces, progress=False)
+    tr.fit()
+    d = tr.head.diagnostics()
+    order = epoch_order(len(faces), tr.cfg.train.seed, 0)  # batch b of epoch 0 is order[8b:8b+8]
+    assert d.ids.tolist() == order[12:32].tolist()  # 4 steps x 8 pushed, the newest 20 kept, oldest first
+    assert d.ages.tolist() == [2] * 4 + [1] * 8 + [0] * 8
+    assert d.labels.tolist() == [faces.targets[i] for i in d.ids.tolist()]
