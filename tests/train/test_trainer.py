@@ -267,6 +267,8 @@ def test_bf16_autocast_on_cpu(faces, make_config, micro):
 def test_fp16_on_cpu_is_refused(faces, make_config):
     with pytest.raises(ValueError, match="train.amp='fp16'.*need a CUDA device"):
         Trainer(make_config(None, "train.amp=fp16", "train.device=cpu"), train_set=faces, progress=False)
+    with pytest.raises(ValueError, match="config train.device='tpu'.*expected auto, cpu, cuda"):
+        Trainer(make_config(None, "train.device=tpu"), train_set=faces, progress=False)
 
 
 def reference_recall(model, images, labels, ks=(1, 2, 4, 8)):

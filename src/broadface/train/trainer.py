@@ -69,7 +69,10 @@ class Trainer:
     def __init__(self, config: Config, *, train_set: Dataset | None = None, val_set: Dataset | None = None,
                  model: nn.Module | None = None, num_classes: int | None = None, progress: bool = True,
                  callbacks: list[Callback] | None = None):
-        self.ctx = init_distributed(config.train.device)
+        try:
+            self.ctx = init_distributed(config.train.device)
+        except ValueError as err:
+            raise ValueError(f"config train.device={config.train.device!r}: {err}") from None
         self.cfg = cfg = config.validate(self.ctx.world_size, self.ctx.device.type)
         self.device, self.progress, self.callbacks = self.ctx.device, progress, list(callbacks or [])
         self.parts = build(cfg, self.ctx, train_set, val_set, model, num_classes)
