@@ -100,9 +100,16 @@ def test_state_dict_round_trip(pushes):
     r.load_state_dict(q.state_dict())
     for name, buf in q.named_buffers():
         assert torch.equal(buf, dict(r.named_buffers())[name]), name
+    assert (r.ptr, r.fill, r.step) == (q.ptr, q.fill, q.step) == ((3 * pushes) % 7, min(3 * pushes, 7), pushes)
     w = torch.randn(5, 3)
     _push(q, 100, 2), _push(r, 100, 2)
     assert torch.equal(q.compensated(w), r.compensated(w))
+
+
+def test_state_that_does_not_fit_is_refused():
+    q = EmbeddingQueue(7, 3)
+    with pytest.raises(ValueError, match="does not fit a queue of 7"):
+        q.set_extra_state({"ptr": 0, "fill": 9, "step": 1})
 
 
 def test_bad_arguments():

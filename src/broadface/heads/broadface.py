@@ -20,7 +20,7 @@ element-wise ``target(cos_y)``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 import torch
@@ -46,7 +46,7 @@ class HeadStats:
 
     def as_dict(self) -> dict[str, float | int | None]:
         """Python numbers (one host sync)."""
-        out: dict[str, Any] = asdict(self)
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         keys = [k for k, v in out.items() if isinstance(v, Tensor)]
         values = torch.stack([out[k].detach().float() for k in keys]).tolist()
         return {**out, **dict(zip(keys, values))}
