@@ -67,8 +67,7 @@ def build(kind: str, C: int, Q: int, device: str):
         return ArcFace(C, D).to(device)
     if kind == "broadface":
         head = BroadFace(ArcFace(C, D), queue_size=Q, chunk_size=4096).to(device)
-        head.queue.push(torch.randn(Q, D, device=device), torch.randint(0, C, (Q,), device=device),
-                        torch.randn(Q, D, device=device) * 0.01)
+        head.enqueue(torch.randn(Q, D, device=device), torch.randint(0, C, (Q,), device=device))  # a full queue
         return head
     head = DenseBroadFace(C, D, Q)
     head.qe, head.qw = torch.randn(Q, D, device=device), torch.randn(Q, D, device=device) * 0.01
@@ -166,7 +165,8 @@ def main() -> None:
     peak_gflops = matmul_gflops(args.device, args.threads)
     print(f"device={args.device} threads={args.threads} B={B} D={D}  matmul 2048³: {peak_gflops:.0f} GFLOP/s\n")
     hdr = (f"{'C':>7} {'Q':>6} | {'plain ms':>9} {'MiB':>6} | {'broadface ms':>12} {'MiB':>6} | "
-           f"{'dense ms':>9} {'MiB':>6} | {'b/a time':>8} {'b/c time':>8} {'b/c mem':>7} | {'b GFLOP/s':>9} {'of peak':>7}")
+           f"{'dense ms':>9} {'MiB':>6} | {'b/a time':>8} {'b/c time':>8} {'b/c mem':>7} | "
+           f"{'b GFLOP/s':>9} {'of peak':>7}")
     print(hdr)
     print("-" * len(hdr))
     for C in classes:

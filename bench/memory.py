@@ -87,7 +87,7 @@ def child(cfg: dict) -> None:
     for _ in range(cfg["steps"]):
         opt.zero_grad(set_to_none=True)
         if cfg["micro"]:
-            micro_batch_backward(model, head, x, y, cfg["micro"])
+            micro_batch_backward(model, lambda e: head(e, y), x, cfg["micro"])
         else:
             head(model(x), y).backward()
         opt.step()
@@ -148,8 +148,7 @@ def _rank(rank: int, world: int, init: str, cfg: dict, out: str) -> None:
     import torch.distributed as dist
 
     from broadface.dist import rank_slice
-    from broadface.heads import ArcFace
-    from broadface.heads.sharded import ShardedBroadFace
+    from broadface.heads import ArcFace, ShardedBroadFace
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))

@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
     print(json.dumps({"queue": args.queue, "step_s": statistics.median(times), "peak_mb": peak,
-                      "base_mb": base_rss / 1024, "fill": trainer.head.last_stats["queue_fill"]}))
+                      "base_mb": base_rss / 1024, "fill": trainer.head.queue.fill}))
 
 
 def predicted_ratio(encoder_macs: float, batch: int, classes: int, dim: int, queue: int) -> float:

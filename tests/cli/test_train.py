@@ -19,7 +19,7 @@ def test_train_preset_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "done: step 3" in out and f"checkpoint: {tmp_path / 'final.pt'}" in out
     ckpt = load_checkpoint(tmp_path / "final.pt")
-    assert ckpt["step"] == 3 and ckpt["model"]["name"] == "tinycnn" and int(ckpt["head"]["queue.fill"]) == 16
+    assert ckpt["step"] == 3 and ckpt["model"]["name"] == "tinycnn" and ckpt["head"]["queue._extra_state"]["fill"] == 16
     assert ckpt["num_classes"] == 964  # the full Omniglot background set
     # resume=auto on a finished run: nothing left to do, same checkpoint
     assert main(["train", OMNIGLOT, *SMALL, f"train.output={tmp_path}", "train.resume=auto", "--no-progress"]) == 0

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from broadface.heads import ArcFace, BroadFace, CosFace, chunked_margin_ce
+from broadface.heads.queue import compensate
 
 from .reference import NaiveBroadFace, dense_margin_loss
 
@@ -27,7 +28,7 @@ def _run(head, steps, seed=0, lr=0.5):
         head.zero_grad()
         loss = head(e, y)
         loss.backward()
-        out.append((loss.detach(), e.grad.clone(), head.weight.grad.clone(), head.last_stats))
+        out.append((loss.detach(), e.grad.clone(), head.weight.grad.clone(), head.stats.as_dict()))
         with torch.no_grad():
             head.weight.sub_(lr * head.weight.grad)
     return out
@@ -52,12 +53,12 @@ def test_gradient_split_matches_equations(margin, m, compensate):
         loss = head(e, y)
         loss.backward()
         assert loss.item() == pytest.approx(r_batch.item(), rel=1e-5), step
-        assert head.last_stats["union_loss"] == pytest.approx(r_union.item(), rel=1e-5), step
+        assert head.stats.union_loss.item() == pytest.approx(r_union.item(), rel=1e-5), step
         assert torch.allclose(e.grad.double(), r_ge, atol=1e-6, rtol=1e-4), step
         assert torch.allclose(head.weight.grad.double(), r_gw, atol=1e-6, rtol=1e-4), step
         with torch.no_grad():
             head.weight.sub_(2.0 * head.weight.grad)  # large steps: compensation matters
-    assert head.last_stats["queue_fill"] == 12
+    assert head.stats.queue_fill == 12 and len(head.queue) == 12
 
 
 def test_compensation_changes_the_classifier_gradient():
@@ -108,14 +109,28 @@ def test_compact_equals_full_storage_in_training():
         assert torch.allclose(la, lb, rtol=1e-5) and torch.allclose(ea, eb, atol=1e-5, rtol=1e-4)
         assert torch.allclose(wa, wb, atol=1e-6, rtol=1e-4)
         assert sa["union_loss"] == pytest.approx(sb["union_loss"], rel=1e-5)
-        if sb["compensation_norm"] is not None:
-            assert sa["compensation_norm"] == pytest.approx(sb["compensation_norm"], rel=1e-4)
+    assert a[-1][3]["compensation_norm"] is None  # compact storage keeps no W⁻_y: no norm, no hidden probe rows
+    assert b[-1][3]["compensation_norm"] > 0
+
+
+def test_compensation_norm_is_the_mean_distance_to_the_past_embedding():
+    """Full storage: mean ‖e* − e⁻‖ over the queue, recomputed from the stored e⁻ and Eq. 7 by hand."""
+    head = _head(queue_size=12, storage="full")
+    _run(head, 3, lr=2.0)
+    w = head.weight.detach()
+    e_past, w_past, y = head.queue.vectors[:12], head.queue.past_weights[:12], head.queue.labels[:12]
+    lam = e_past.norm(dim=1) / w_past.norm(dim=1)
+    e_star = e_past + lam[:, None] * (w[y] - w_past)
+    e, labels = torch.randn(B, D), torch.randint(0, C, (B,))
+    head(e, labels, enqueue=False)
+    assert head.stats.compensation_norm.item() == pytest.approx((e_star - e_past).norm(dim=1).mean().item(), rel=1e-5)
 
 
 def test_bf16_storage_close_to_fp32():
     a = _run(_head(queue_size=12), 5)
     b = _run(_head(queue_size=12, storage_dtype=torch.bfloat16), 5)
     assert abs(a[-1][3]["union_loss"] - b[-1][3]["union_loss"]) < 0.02 * abs(a[-1][3]["union_loss"])
+    assert a[-1][3]["union_loss"] != b[-1][3]["union_loss"]  # the bf16 queue was really used
 
 
 def test_bf16_autocast_path():
@@ -133,13 +148,61 @@ def test_bf16_autocast_path():
 
 def test_state_dict_round_trip_restores_training():
     torch.manual_seed(0)
-    a = BroadFace(ArcFace(C, D, scale=16.0), 12, track_ids=True)
+    a = BroadFace(ArcFace(C, D, scale=16.0), 12, diagnostics=True)
     _run(a, 4)  # 20 samples: wrapped
-    b = BroadFace(ArcFace(C, D, scale=16.0), 12, track_ids=True)
+    b = BroadFace(ArcFace(C, D, scale=16.0), 12, diagnostics=True)
     b.load_state_dict(a.state_dict())
+    assert (b.queue.ptr, b.queue.fill, b.queue.step) == (a.queue.ptr, a.queue.fill, a.queue.step) == (8, 12, 4)
     ra, rb = _run(a, 3, seed=5), _run(b, 3, seed=5)
     for x, y in zip(ra, rb):
         assert torch.equal(x[0], y[0]) and torch.equal(x[2], y[2])
+
+
+def test_checkpoint_state_is_the_fifo_from_slot_zero_and_loads_back():
+    """The world-independent form: oldest entry in slot 0, so a fresh head of any layout continues identically."""
+    a = _head(queue_size=12)
+    _run(a, 4)  # wrapped: the ring's oldest entry is not in slot 0
+    state = a.checkpoint_state()
+    assert state["queue._extra_state"] == {"ptr": 0, "fill": 12, "step": 4}
+    assert torch.equal(state["queue.labels"], a.queue.entries().labels)
+    b = _head(queue_size=12)
+    b.load_checkpoint_state(state)
+    assert torch.equal(b.queue.entries().vectors, a.queue.entries().vectors)
+    ra, rb = _run(a, 3, seed=5), _run(b, 3, seed=5)
+    for x, y in zip(ra, rb):
+        assert torch.allclose(x[0], y[0], rtol=1e-6) and torch.allclose(x[2], y[2], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="room for 6"):
+        _head(queue_size=6).load_checkpoint_state(state)
+    small = _head(queue_size=6)
+    small.load_checkpoint_state(state, drop_oldest=True)  # FIFO: the newest 6 survive
+    assert torch.equal(small.queue.entries().labels, state["queue.labels"][-6:])
+    with pytest.raises(ValueError, match=r"classifier has shape \(13, 6\).*needs \(14, 6\)"):
+        BroadFace(ArcFace(14, D), 12).load_checkpoint_state(state)
+
+
+def test_full_storage_checkpoint_loads_into_a_compact_queue():
+    full = _head(queue_size=12, storage="full")
+    _run(full, 3, lr=2.0)
+    compact = _head(queue_size=12)
+    compact.load_checkpoint_state(full.checkpoint_state())
+    w = full.weight.detach()
+    a, b = full.queue.entries(), compact.queue.entries()  # oldest first
+    assert torch.allclose(compensate(b, w[b.labels]), compensate(a, w[a.labels]), atol=1e-5)
+    with pytest.raises(ValueError, match="compact"):
+        _head(queue_size=12, storage="full").load_checkpoint_state(compact.checkpoint_state())
+
+
+def test_legacy_checkpoint_with_tensor_counters_loads():
+    """broadface 0.1 kept ptr/fill/step as buffers (and compact probe rows)."""
+    a = _head(queue_size=12)
+    _run(a, 3)
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith("_extra_state")}
+    old.update({"queue.ptr": torch.tensor(a.queue.ptr), "queue.fill": torch.tensor(a.queue.fill),
+                "queue.step": torch.tensor(a.queue.step), "queue.probe_weights": torch.zeros(3, D)})
+    b = _head(queue_size=12)
+    b.load_state_dict(old)
+    assert (b.queue.ptr, b.queue.fill, b.queue.step) == (3, 12, 3)
+    assert torch.equal(b.queue.entries().labels, a.queue.entries().labels)
 
 
 def test_enqueue_false_and_eval_mode_leave_queue_alone():
@@ -155,17 +218,35 @@ def test_enqueue_false_and_eval_mode_leave_queue_alone():
     assert len(head.queue) == B
 
 
-def test_compensation_error_diagnostic():
+def test_diagnostics_entries_oldest_first_with_ids_ages_and_both_embeddings():
     torch.manual_seed(0)
-    head = BroadFace(ArcFace(C, D, scale=16.0), 12, storage="full", track_ids=True)
-    _run(head, 3, lr=1.0)
-    order = head.queue.order()
-    past = head.queue.uncompensated()[order]
-    err = head.compensation_error(past)  # "current" = the stored e⁻ → uncompensated error is 0
-    assert torch.allclose(err["uncompensated"], torch.zeros(len(order)), atol=1e-6)
-    assert (err["compensated"] > 0).any()
-    # 3 pushes of 5 into 12 slots: 2 entries of the first step survive, oldest first
-    assert err["age"].tolist() == [2] * 2 + [1] * 5 + [0] * 5
+    head = BroadFace(ArcFace(C, D, scale=16.0), 12, diagnostics=True)
+    assert head.queue.storage == "full"
+    g = torch.Generator().manual_seed(3)
+    pushed = []
+    for step in range(3):  # 3 pushes of 5 into 12 slots: 2 entries of the first step survive
+        e, y = torch.randn(B, D, generator=g), torch.randint(0, C, (B,), generator=g)
+        ids = torch.arange(step * B, (step + 1) * B) + 100
+        head(e, y, ids=ids).backward()
+        pushed.append((e, y, head.weight.detach().clone()))
+        with torch.no_grad():
+            head.weight.sub_(1.0 * head.weight.grad)
+        head.zero_grad()
+    d = head.diagnostics()
+    assert d.ids.tolist() == list(range(103, 115))
+    assert d.ages.tolist() == [2] * 2 + [1] * 5 + [0] * 5
+    e_all = torch.cat([e for e, _, _ in pushed])[3:]
+    w_then = torch.cat([w[y] for _, y, w in pushed])[3:]
+    y_all = torch.cat([y for _, y, _ in pushed])[3:]
+    assert torch.equal(d.labels, y_all) and torch.allclose(d.uncompensated, e_all)
+    lam = e_all.norm(dim=1, keepdim=True) / w_then.norm(dim=1, keepdim=True)
+    assert torch.allclose(d.compensated, e_all + lam * (head.weight.detach()[y_all] - w_then), atol=1e-6)  # Eq. 7
+    comp, plain = d.cosine_error(e_all)  # "current" = the stored e⁻: the uncompensated error is 0
+    assert torch.allclose(plain, torch.zeros(12), atol=1e-6) and comp.max() > 1e-3
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        BroadFace(ArcFace(C, D), 12).diagnostics()
+    with pytest.raises(ValueError, match="storage='full'"):
+        BroadFace(ArcFace(C, D), 12, storage="compact", diagnostics=True)
 
 
 def test_rejects_non_margin_head():

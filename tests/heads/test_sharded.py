@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from broadface.dist import rank_slice
-from broadface.heads import ArcFace, BroadFace, CosFace, chunked_margin_ce
-from broadface.heads.sharded import ShardedBroadFace, ShardedMarginHead
+from broadface.heads import ArcFace, BroadFace, CosFace, ShardedBroadFace, ShardedMarginHead, chunked_margin_ce
+from broadface.heads.partition import init_rows
 from broadface.train.memory import micro_batch_backward
 from tests.helpers import spawn
 
@@ -20,6 +20,7 @@ CONFIGS = {  # N: global batch; Q: queue per rank; 6 steps push 36 samples throu
     "local": dict(C=13, N=6, steps=6, Q=6, mode="local", margin="arcface", grad="global", chunk=4),
     "replicated": dict(C=13, N=6, steps=6, Q=5, mode="replicated", margin="cosface", grad="ddp", chunk=3),
     "sampled": dict(C=40, N=4, steps=5, Q=4, mode="local", margin="arcface", grad="global", rate=0.3),
+    "full": dict(C=13, N=6, steps=4, Q=6, mode="local", margin="arcface", grad="global", storage="full"),
 }
 
 
@@ -40,9 +41,10 @@ def build_sharded(cfg):
     else:
         head = ShardedBroadFace(margin, cfg["C"], D, queue_size=cfg["Q"], queue_mode=cfg["mode"],
                                 sample_rate=cfg.get("rate", 1.0), encoder_grad=cfg["grad"],
-                                chunk_size=cfg.get("chunk", 4096))
+                                chunk_size=cfg.get("chunk", 4096), storage=cfg.get("storage", "compact"))
+    p = head.partition
     with torch.no_grad():
-        head.weight.copy_(initial_weight(cfg["C"])[head.class_start:head.class_stop])
+        head.weight.copy_(initial_weight(cfg["C"])[p.class_start:p.class_stop])
     return head
 
 
@@ -55,8 +57,9 @@ def _equivalence_worker(rank, world, tmp):
             head.zero_grad()
             loss = head(e, y_global[part])
             loss.backward()
-            out.append(dict(loss=loss.item(), stats=head.last_stats, e_grad=e.grad.clone(),
-                            w_grad=head.weight.grad.clone(), sampled=head.last_sampled.clone()))
+            sampled = head.partition.last_sampled
+            out.append(dict(loss=loss.item(), stats=head.stats.as_dict(), e_grad=e.grad.clone(),
+                            w_grad=head.weight.grad.clone(), sampled=None if sampled is None else sampled.clone()))
             with torch.no_grad():
                 head.weight.sub_(LR * head.weight.grad)
         torch.save(out, tmp / f"{name}.{rank}.pt")
@@ -68,8 +71,9 @@ def _equivalence_worker(rank, world, tmp):
         torch.save("no error", tmp / f"bad.{rank}.pt")
     except ValueError as err:
         torch.save(str(err), tmp / f"bad.{rank}.pt")
-    fresh = build_sharded(CONFIGS["local"]).gather_full_state()  # empty queues gather too
-    assert rank or len(fresh["queue"]["labels"]) == 0
+    fresh = build_sharded(CONFIGS["local"]).checkpoint_state()  # empty queues gather too
+    assert rank or fresh["queue._extra_state"]["fill"] == 0
+    torch.save(ShardedMarginHead(ArcFace, 3000, D, init_seed=7).weight.detach(), tmp / f"init.{rank}.pt")
 
 
 def _encoder():
@@ -88,7 +92,8 @@ def _ddp_micro_batch_run(rank, world):
         part = rank_slice(DDP_CFG["N"], world, rank)
         enc.zero_grad()
         head.zero_grad()
-        loss = micro_batch_backward(enc, head, x_global[part], y_global[part], micro_batch=2)
+        y = y_global[part]
+        loss, _ = micro_batch_backward(enc, lambda e: head(e, y), x_global[part], micro_batch=2)
         out.append(dict(loss=loss.item(), grads=[p.grad.clone() for p in enc.parameters()]))
         with torch.no_grad():
             for p in list(enc.parameters()) + [head.weight]:
@@ -108,7 +113,7 @@ def _reference(cfg):
         head.zero_grad()
         loss = head(e, y)
         loss.backward()
-        union = head.last_stats["union_loss"] if cfg["Q"] else loss.item()
+        union = head.stats.union_loss.item() if cfg["Q"] else loss.item()
         out.append(dict(loss=loss.item(), union=union, e_grad=e.grad.clone(), w_grad=head.weight.grad.clone()))
         with torch.no_grad():
             head.weight.sub_(LR * head.weight.grad)
@@ -124,7 +129,7 @@ def _sampled_reference(cfg, sampled_per_step):
     for (e, y), sampled in zip(global_batches(cfg), sampled_per_step):
         remap = torch.full((cfg["C"],), -1, dtype=torch.long)
         remap[sampled] = torch.arange(len(sampled))
-        queued = head.queue.labels[head.queue.valid()]
+        queued = head.queue.live().labels
         union_y = torch.cat([y, queued])
         assert (remap[union_y] >= 0).all(), "a positive of the batch or the queue was not sampled"
         e = e.clone().requires_grad_(True)
@@ -155,7 +160,7 @@ def close(a, b, rtol=1e-4, atol=1e-6):
     return torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["partial_fc", "local", "replicated"])
+@pytest.mark.parametrize("name", ["partial_fc", "local", "replicated", "full"])
 def test_two_ranks_equal_one_process(runs, name):
     """sample_rate=1: losses, encoder gradients and classifier gradients match the full-classifier head."""
     cfg, ranks = CONFIGS[name], runs[name]
@@ -170,6 +175,9 @@ def test_two_ranks_equal_one_process(runs, name):
         if cfg["Q"]:
             assert r0["stats"]["queue_fill"] == min(WORLD * cfg["Q"], step * cfg["N"])
     assert ranks[0][0]["w_grad"].shape[0] == 7 and ranks[1][0]["w_grad"].shape[0] == 6  # 13 = 7 + 6
+    if cfg.get("storage") == "full":  # full storage keeps W⁻_y: the compensation norm of every rank's queue
+        assert ranks[0][-1]["stats"]["compensation_norm"] > 0
+        assert ranks[0][-1]["stats"]["compensation_norm"] == pytest.approx(ranks[1][-1]["stats"]["compensation_norm"])
 
 
 def test_sampling_keeps_positives_and_matches_same_class_set(runs):
@@ -246,13 +254,18 @@ def test_enqueue_false_then_enqueue_equals_inline_push():
     assert torch.equal(a.queue.vectors, b.queue.vectors) and torch.equal(a.queue.labels, b.queue.labels)
 
 
-def test_world_independent_initialisation():
-    """Row c of W depends only on (init_seed, c), so any split gives the same classifier."""
-    full = ShardedMarginHead(ArcFace, 3000, D, init_seed=7).weight
+def test_world_independent_initialisation(runs):
+    """Row c of W depends only on (init_seed, c): any split, on any rank, gives the same classifier."""
+    full = ShardedMarginHead(ArcFace, 3000, D, init_seed=7).weight.detach()
     assert full.std().item() == pytest.approx(0.01, rel=0.05)
-    again = ShardedMarginHead(ArcFace, 3000, D, init_seed=7).weight
-    assert torch.equal(full, again)
+    assert torch.equal(full, ShardedMarginHead(ArcFace, 3000, D, init_seed=7).weight)
     assert not torch.equal(full, ShardedMarginHead(ArcFace, 3000, D, init_seed=8).weight)
+    two_ranks = torch.cat([torch.load(runs["tmp"] / f"init.{r}.pt") for r in range(WORLD)])  # rows 0..1499, 1500..
+    assert torch.equal(two_ranks, full)
+    for start, stop in ((1500, 3000), (700, 2100), (1024, 1025)):  # shards that start inside a seeded block
+        part = torch.empty(stop - start, D)
+        init_rows(part, start, seed=7)
+        assert torch.equal(part, full[start:stop]), (start, stop)
 
 
 def test_bad_input_is_a_clear_error():
@@ -267,3 +280,5 @@ def test_bad_input_is_a_clear_error():
         ShardedBroadFace(ArcFace, 13, D, queue_mode="global")
     with pytest.raises(ValueError, match="MarginHead"):
         ShardedMarginHead(lambda c, d: nn.Linear(d, c), 13, D)
+    with pytest.raises(ValueError, match="encoder_grad"):
+        ShardedMarginHead(ArcFace, 13, D, encoder_grad="sum")

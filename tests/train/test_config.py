@@ -84,3 +84,22 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, world, device, field", [
+    (["train.amp=fp16"], 1, "cpu", "train.amp"),
+    (["optim.zero=true"], 1, "cpu", "optim.zero"),
+    (["head.diagnostics=true"], None, None, "head.storage"),
+    (["distill.cache=c.npy"], None, None, "distill.teacher"),
+    (["distill.teacher=t.pt", "distill.unlabeled_root=u"], 2, "cpu", "distill.unlabeled_root"),
+])
+def test_validate_checks_the_run_it_is_for(overrides, world, device, field):
+    cfg = apply_overrides(Config(), overrides)
+    with pytest.raises(ValueError, match=f"config {field}="):
+        cfg.validate(world, device)
+
+
+def test_validate_accepts_what_the_run_supports():
+    apply_overrides(Config(), ["train.amp=fp16", "optim.zero=true"]).validate(2, "cuda")
+    apply_overrides(Config(), ["optim.zero=true"]).validate()  # world unknown (--print-config): not refused
+    apply_overrides(Config(), ["head.diagnostics=true", "head.storage=full"]).validate(1, "cpu")

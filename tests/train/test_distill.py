@@ -21,7 +21,7 @@ from broadface.train.teacher_cache import build_cache, open_cache, sidecar_path
 from broadface.train.trainer import Trainer
 from tests.helpers import save_backbone
 
-from .test_trainer import Crash, assert_same_state, crash_at
+from .test_trainer import Crash, LinearNet, assert_same_state, crash_at
 
 
 def save_teacher(path, seed=7, dim=24):
@@ -168,7 +168,7 @@ class HeadSpy:
 
 def test_unlabeled_images_only_feed_the_distillation_term(tmp_path, faces, make_config):
     teacher = load_teacher(save_teacher(tmp_path / "t.pt"))
-    d = Distiller(teacher, student_dim=16, weight=9.0)
+    d = Distiller(teacher, student_dim=16, weight=9.0, unlabeled=True)
     from broadface.heads import BroadFace, CosFace
 
     head = BroadFace(CosFace(8, 16, scale=64.0, margin=0.4), queue_size=16)
@@ -181,10 +181,11 @@ def test_unlabeled_images_only_feed_the_distillation_term(tmp_path, faces, make_
     assert torch.allclose(loss, expect) and torch.equal(kept_labels, labels[keep]) and kept.shape[0] == 4
     # all unlabeled: only the distillation term, the head untouched
     emb.grad = None
-    loss, kept, kept_labels, stats = d(head, emb, torch.full((6,), -1), images)
+    loss, kept, kept_labels, term = d(head, emb, torch.full((6,), -1), images)
     assert torch.allclose(loss, 9.0 * d.term(emb, images)) and kept_labels.numel() == 0
+    assert torch.allclose(term, d.term(emb, images))
     loss.backward()
-    assert head.weight.grad is None and stats["batch_loss"] == 0.0
+    assert head.weight.grad is None
     fill = int(head.queue.fill)
     head.enqueue(kept.detach(), kept_labels)  # what the trainer does with an all-unlabeled micro-batch
     assert int(head.queue.fill) == fill
@@ -270,6 +271,30 @@ def test_resume_is_bit_identical_with_masks_and_distillation(tmp_path, faces, ma
     # guard: the projection did train
     init = trainer(None, "train.steps=1")
     assert not torch.equal(init.distill.projection.weight.detach(), a["distill"]["projection.weight"])
+
+
+def test_micro_batching_combines_with_distillation(tmp_path, faces, make_config):
+    """train.micro_batch runs the student in slices under one whole-batch objective (head + λ·d): with a
+    backbone without batch statistics the step equals the plain one, projection included."""
+    opts = [f"distill.teacher={save_teacher(tmp_path / 't.pt')}", "head.queue_size=16", "train.steps=2",
+            "optim.momentum=0.0"]
+
+    def run(*extra):
+        torch.manual_seed(0)
+        tr = Trainer(make_config(None, *opts, *extra), train_set=faces, model=LinearNet(), progress=False)
+        calls = []
+        tr.model.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+        result = tr.fit()
+        tr.calls = calls
+        return tr, result
+
+    (a, ra), (b, rb) = run(), run("train.micro_batch=3")
+    assert a.calls == [8, 8] and b.calls == [3, 3, 2] * 4  # 2 steps x (no-grad pass, recompute pass)
+    assert [r["distill_loss"] for r in ra.history] == pytest.approx([r["distill_loss"] for r in rb.history], rel=1e-5)
+    for p, q in zip(list(a.model.parameters()) + list(a.distill.parameters()),
+                    list(b.model.parameters()) + list(b.distill.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a.distill.projection.weight, run("train.steps=1")[0].distill.projection.weight)
 
 
 def test_distill_config_errors(tmp_path, faces, make_config):

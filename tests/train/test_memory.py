@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from broadface.heads import ArcFace, BroadFace
-from broadface.heads.sharded import ShardedBroadFace
+from broadface.heads import ArcFace, BroadFace, ShardedBroadFace
 from broadface.train.memory import micro_batch_backward
 
 C, D, B = 11, 8, 10
@@ -53,7 +52,7 @@ def test_equals_full_batch_without_bn(micro):
     for step in range(3):  # the queue fills: the head's gradient depends on history too
         for m in (enc, head, enc2, head2):
             m.zero_grad()
-        a = micro_batch_backward(enc, head, x + step, y, micro)
+        a, _ = micro_batch_backward(enc, lambda e: head(e, y), x + step, micro)
         b = head2(enc2(x + step), y)
         b.backward()
         assert a.item() == pytest.approx(b.item(), rel=1e-6)
@@ -70,7 +69,7 @@ def test_dropout_masks_are_replayed(sampled_head):
                                         sample_rate=0.5, encoder_grad="global") for _ in range(2))
     x, y = data()
     torch.manual_seed(5)
-    micro_batch_backward(enc, head, x, y, 4)
+    micro_batch_backward(enc, lambda e: head(e, y), x, 4)
     after = torch.rand(1)
     torch.manual_seed(5)
     reference(enc2, head2, x, y, 4)
@@ -83,14 +82,14 @@ def test_batchnorm_eval_exact_and_train_per_micro_batch():
     (enc, head), (enc2, head2) = make(bn=True), make(bn=True)
     x, y = data()
     enc.eval(), enc2.eval()
-    micro_batch_backward(enc, head, x, y, 3)
+    micro_batch_backward(enc, lambda e: head(e, y), x, 3)
     head2(enc2(x), y).backward()
     for ga, gb in zip(grads(enc, head), grads(enc2, head2)):
         assert same(ga, gb)
     # train mode: each micro-batch normalised with its own statistics (the documented caveat),
     # running statistics updated once per micro-batch, not twice
     (enc, head), (enc2, head2) = make(bn=True), make(bn=True)
-    micro_batch_backward(enc, head, x, y, 5)
+    micro_batch_backward(enc, lambda e: head(e, y), x, 5)
     reference(enc2, head2, x, y, 5)
     for ga, gb in zip(grads(enc, head), grads(enc2, head2)):
         assert same(ga, gb)
@@ -104,9 +103,14 @@ def test_batchnorm_eval_exact_and_train_per_micro_batch():
 def test_bf16_autocast_and_errors():
     enc, head = make()
     x, y = data()
-    loss = micro_batch_backward(enc, head, x, y, 4, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    dtypes = []
+    enc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    loss, emb = micro_batch_backward(enc, lambda e: head(e, y), x, 4,
+                                     autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads(enc, head))
+    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 6  # both passes of 3 micro-batches ran under autocast
+    assert emb.shape == (B, D) and not emb.requires_grad
     with pytest.raises(ValueError, match="micro_batch"):
-        micro_batch_backward(enc, head, x, y, 0)
+        micro_batch_backward(enc, lambda e: head(e, y), x, 0)
     with pytest.raises(ValueError, match="labels"):
-        micro_batch_backward(enc, head, x, y[:-1], 4)
+        micro_batch_backward(enc, lambda e: head(e, y[:-1]), x, 4)

@@ -1,4 +1,5 @@
-"""The training loop: exact resume, divergence, accumulation, clipping, warm start, AMP."""
+"""The training loop: exact resume, divergence, accumulation, clipping, warm start, AMP, evaluation,
+explicit seeding and host syncs."""
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def test_resume_is_bit_identical(tmp_path, faces, val_faces, make_config, worker
 
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(result.checkpoint)
     assert a["step"] == b["step"] == 8 and a["data"] == b["data"] == {"epoch": 1, "batch": 2}
-    assert int(a["head"]["queue.fill"]) == 20  # the queue is full and wrapped
+    assert a["head"]["queue._extra_state"]["fill"] == 20  # the queue is full and wrapped
     for key in ("backbone", "head", "optimizer", "scheduler", "rng"):
         assert_same_state(a[key], b[key], key)
     # the resumed run logged steps 5..8 and evaluated at 6 and 8 with the straight run's values
@@ -130,6 +131,43 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, faces, mak
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+class PoisonAfter:
+    """Dataset wrapper: images become NaN after ``clean`` fetches (num_workers=0: in step order)."""
+
+    def __init__(self, dataset, clean):
+        self.dataset, self.clean, self.fetched = dataset, clean, 0
+        self.classes = dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        self.fetched += 1
+        return (torch.full_like(x, float("nan")) if self.fetched > self.clean else x), y
+
+
+def test_non_finite_step_is_never_applied_and_reported_at_the_next_log(tmp_path, faces, make_config):
+    """Steps 6 and 7 are NaN, the loop syncs at step 8: the error names step 6 and every weight, optimizer
+    buffer and queue entry is exactly that of a run that stopped after step 5."""
+    opts = ["head.queue_size=20", "train.steps=8", "train.log_every=4", "train.checkpoint_every=4",
+            "optim.clip_grad=5.0"]
+    ref = Trainer(make_config(None, *opts, "train.steps=5"), train_set=faces, progress=False)
+    ref.fit()
+    tr = Trainer(make_config(tmp_path, *opts), train_set=PoisonAfter(faces, clean=5 * 8), progress=False)
+    with pytest.raises(TrainingDiverged, match=r"step 6: non-finite.*the weights are those of step 5"):
+        tr.fit()
+    assert tr.step == 8  # it ran on to the sync point ...
+    assert_same_state(ref.model.state_dict(), tr.model.state_dict(), "backbone")  # ... without applying anything
+    assert torch.equal(ref.head.weight, tr.head.weight)
+    for name in ("vectors", "scales", "labels"):
+        assert torch.equal(getattr(ref.head.queue, name), getattr(tr.head.queue, name)), name
+    assert_same_state(ref.optimizer.state_dict()["state"], tr.optimizer.state_dict()["state"], "optimizer")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004.pt"]
+    with pytest.raises(TrainingDiverged):
+        tr.save_checkpoint()  # a diverged run writes nothing
 
 
 class LinearNet(nn.Module):
@@ -209,24 +247,85 @@ def test_checkpoint_contents_and_load_backbone(tmp_path, faces, make_config):
         assert torch.equal(model(x), t.model.eval()(x))
 
 
-def test_bf16_autocast_on_cpu(faces, make_config):
-    result = train(make_config(None, "train.amp=bf16", "head.queue_size=16", "train.steps=3"), train_set=faces,
-                   progress=False)
+@pytest.mark.parametrize("micro", ["null", 4])
+def test_bf16_autocast_on_cpu(faces, make_config, micro):
+    """train.amp=bf16 runs the backbone in bfloat16 (both passes of micro-batching too); the head stays fp32."""
+    cfg = make_config(None, "train.amp=bf16", "head.queue_size=16", "train.steps=3", f"train.micro_batch={micro}")
+    tr = Trainer(cfg, train_set=faces, progress=False)
+    dtypes = []
+    tr.model.fc.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    result = tr.fit()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert tr.head.stats.batch_loss.dtype == torch.float32 and tr.head.stats.union_loss.dtype == torch.float32
     assert all(math.isfinite(r["batch_loss"]) and math.isfinite(r["union_loss"]) for r in result.history)
+    plain = train(make_config(None, "head.queue_size=16", "train.steps=3", f"train.micro_batch={micro}"),
+                  train_set=faces, progress=False)
+    assert result.history[0]["batch_loss"] != plain.history[0]["batch_loss"]  # bf16 rounding is visible ...
+    assert result.history[0]["batch_loss"] == pytest.approx(plain.history[0]["batch_loss"], rel=0.05)  # ... only
 
 
 def test_fp16_on_cpu_is_refused(faces, make_config):
-    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device"):
+    with pytest.raises(ValueError, match="train.amp='fp16'.*need a CUDA device"):
         Trainer(make_config(None, "train.amp=fp16", "train.device=cpu"), train_set=faces, progress=False)
+    with pytest.raises(ValueError, match="config train.device='tpu'.*expected auto, cpu, cuda"):
+        Trainer(make_config(None, "train.device=tpu"), train_set=faces, progress=False)
+
+
+def reference_recall(model, images, labels, ks=(1, 2, 4, 8)):
+    """Recall@K written from its definition: flip-summed L2-normalised embeddings, every image queries
+    all others, a hit when one of its k nearest shares its label."""
+    model.eval()
+    with torch.no_grad():
+        e = (model(images) + model(images.flip(3))).double()
+    e = e / e.norm(dim=1, keepdim=True)
+    sim = e @ e.t()
+    sim.fill_diagonal_(-float("inf"))
+    order = sim.argsort(dim=1, descending=True)
+    return {k: (labels[order[:, :k]] == labels[:, None]).any(1).double().mean().item() for k in ks}
+
+
+def test_evaluate_scores_the_held_out_identities(faces, val_faces, make_faces, make_config):
+    tr = Trainer(make_config(None, "train.steps=3"), train_set=faces, val_set=val_faces, progress=False)
+    tr.fit()
+    got = tr.evaluate()
+    val = [val_faces[i] for i in range(len(val_faces))]
+    ref = reference_recall(tr.model, torch.stack([x for x, _ in val]), torch.tensor([y for _, y in val]))
+    assert got["step"] == 3
+    assert [got[f"val_recall@{k}"] for k in (1, 2, 4, 8)] == pytest.approx([ref[k] for k in (1, 2, 4, 8)], abs=1e-9)
+    seen = make_faces(0, 8, 6, flip=False)  # the training identities: the same measure differs there
+    on_train = [seen[i] for i in range(len(seen))]
+    other = reference_recall(tr.model, torch.stack([x for x, _ in on_train]), torch.tensor([y for _, y in on_train]))
+    assert [other[k] for k in (1, 2, 4, 8)] != pytest.approx([ref[k] for k in (1, 2, 4, 8)], abs=1e-3)
 
 
 def test_evaluation_reports_recall(faces, val_faces, make_config):
     result = train(make_config(None, "train.steps=4", "train.eval_every=2"), train_set=faces, val_set=val_faces,
                    progress=False)
     assert [e["step"] for e in result.evals] == [2, 4]
-    for e in result.evals:
-        assert 0.0 <= e["val_recall@1"] <= e["val_recall@2"] <= e["val_recall@4"] <= e["val_recall@8"] <= 1.0
     assert result.metric("val_recall@1")[-1][0] == 4
+
+
+def test_seeding_is_explicit(faces, make_config):
+    """The constructor draws the initial weights from train.seed without touching the caller's RNG;
+    fit() seeds the global RNG (dropout) from train.seed whatever the caller did before."""
+    cfg = make_config(None, "train.steps=2")
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    a = Trainer(cfg, train_set=faces, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(2)
+    b = Trainer(cfg, train_set=faces, progress=False)
+    assert_same_state(a.model.state_dict(), b.model.state_dict(), "initial backbone")
+    assert torch.equal(a.head.weight, b.head.weight)
+    runs = []
+    for caller_seed in (3, 4):
+        torch.manual_seed(0)
+        tr = Trainer(cfg, train_set=faces, model=DropoutNet(), progress=False)
+        torch.manual_seed(caller_seed)
+        tr.fit()
+        runs.append(tr.model.state_dict())
+    assert_same_state(runs[0], runs[1], "trained backbone")
 
 
 def test_history_lr_follows_schedule(faces, make_config):
@@ -256,3 +355,17 @@ def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path, faces, make_conf
     train(make_config(tmp_path, "train.steps=2"), train_set=faces, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=auto"):
         Trainer(make_config(tmp_path, "train.steps=4"), train_set=faces, progress=False)
+
+
+def test_diagnostics_queue_holds_the_sample_ids_of_the_last_steps(faces, make_config):
+    """head.diagnostics: each queued entry knows which training sample it is and how many steps ago it came."""
+    from broadface.data.loader import epoch_order
+
+    tr = Trainer(make_config(None, "head.queue_size=20", "head.diagnostics=true", "head.storage=full",
+                             "train.steps=4"), train_set=faces, progress=False)
+    tr.fit()
+    d = tr.head.diagnostics()
+    order = epoch_order(len(faces), tr.cfg.train.seed, 0)  # batch b of epoch 0 is order[8b:8b+8]
+    assert d.ids.tolist() == order[12:32].tolist()  # 4 steps x 8 pushed, the newest 20 kept, oldest first
+    assert d.ages.tolist() == [2] * 4 + [1] * 8 + [0] * 8
+    assert d.labels.tolist() == [faces.targets[i] for i in d.ids.tolist()]

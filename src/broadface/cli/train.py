@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 DESCRIPTION = """\
 Train a face-recognition / metric-learning backbone from a YAML config (see configs/ and
@@ -41,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
     def print_line(kind: str, record: dict) -> None:
         print(f"{kind} step {record['step']}: {format_record(record)}", flush=True)
 
-    main = int(os.environ.get("RANK", "0") or "0") == 0  # under torchrun only rank 0 prints
     trainer = None
     try:
-        trainer = Trainer(cfg, progress=not args.no_progress,
-                          callbacks=[print_line] if args.no_progress and main else [])
+        trainer = Trainer(cfg, progress=not args.no_progress)
+        main = trainer.ctx.is_main  # under torchrun only rank 0 prints
+        if args.no_progress and main:
+            trainer.callbacks.append(print_line)
         result = trainer.fit()
     except TrainingDiverged as err:
         raise CLIError(str(err)) from None

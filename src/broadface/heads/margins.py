@@ -5,12 +5,15 @@ All heads share one shape: a weight ``W`` of shape ``(num_classes, embedding_siz
 *target* cosine only (gather → transform → scatter, never a dense N×C one-hot) and
 cross-entropy on ``scale · logits`` computed in fp32, also under autocast.
 
-The combined margin follows insightface's ``margin_list = (m1, m2, m3)``:
-``target = cos(m1·θ + m2) − m3``. ArcFace is ``(1, m, 0)``, CosFace ``(1, 0, m)``.
+The combined margin takes insightface's ``margin_list = (m1, m2, m3)`` values:
+``target = cos(m1·θ + m2) − m3``. ArcFace is ``(1, m, 0)``, CosFace ``(1, 0, m)``. Same loss
+values as insightface; the gradients are exact (insightface's ArcFace applies the angular margin
+under ``no_grad``, so its target gradient passes straight through).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +25,10 @@ _SIN2_MIN = 1e-12
 _EPS = 1e-7
 
 
-def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None) -> None:
-    """Raise ValueError unless ``labels`` is a 1-D integer tensor with values in [0, num_classes)."""
+def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None, *,
+                 allow_unlabeled: bool = False) -> None:
+    """Raise ValueError unless ``labels`` is a 1-D integer tensor with values in [0, num_classes)
+    (or −1 too, with ``allow_unlabeled``). One host sync (the range test), none on the type checks."""
     if not isinstance(labels, Tensor):
         raise ValueError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -34,10 +39,21 @@ def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None
         raise ValueError(f"got {labels.numel()} labels for {batch_size} embeddings")
     if labels.numel() == 0:
         return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"label {bad} is outside [0, {num_classes}) (num_classes={num_classes})")
+    bad = (labels < (-1 if allow_unlabeled else 0)) | (labels >= num_classes)
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} is outside [0, {num_classes}) (num_classes={num_classes})")
+
+
+def margin_logits(cos: Tensor, target: Tensor, margin: Callable[[Tensor], Tensor], scale: float) -> Tensor:
+    """``s·cos`` with each row's target column replaced by ``s·margin(cos_y)``.
+
+    A target of −1 (the class lives in another process) leaves the row's cosines as they are.
+    Gather → margin → scatter: never a dense N×C one-hot, no host sync."""
+    col = target.long().clamp_min(0).unsqueeze(1)
+    cos_t = cos.gather(1, col)
+    phi = torch.where(target.unsqueeze(1) >= 0, margin(cos_t), cos_t)
+    return cos.scatter(1, col, phi) * scale
 
 
 class MarginHead(nn.Module):
@@ -68,11 +84,9 @@ class MarginHead(nn.Module):
         return cos.float().clamp(-1.0, 1.0)
 
     def logits(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        """(N, C) fp32 logits ``s·cos`` with the target column replaced by ``s·target(cos_y)``."""
-        cos = self.cosine(embeddings, weight)
-        idx = labels.long().unsqueeze(1)
-        cos_t = cos.gather(1, idx)
-        return cos.scatter(1, idx, self.target(cos_t)) * self.scale
+        """(N, C) fp32 logits ``s·cos`` with the target column replaced by ``s·target(cos_y)``
+        (a label of −1, a class held by another process, replaces nothing)."""
+        return margin_logits(self.cosine(embeddings, weight), labels, self.target, self.scale)
 
     def loss(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         """Mean margin cross-entropy; ``weight`` overrides ``self.weight`` (e.g. a detached copy)."""
@@ -91,7 +105,7 @@ class MarginHead(nn.Module):
 
 
 class CombinedMargin(MarginHead):
-    """``target = cos(m1·θ + m2) − m3`` (insightface ``margin_list``); margins in radians.
+    """``target = cos(m1·θ + m2) − m3`` (insightface's ``margin_list`` values); margins in radians.
 
     Where ``m1·θ + m2`` would pass π the target is no longer monotonic in θ; there the
     usual fallback ``cos θ − m3 − m2·sin(m2)`` (insightface's ``cos θ − mm``) is used.

@@ -44,8 +44,9 @@ class ChunkedMarginCE(torch.autograd.Function):
 
     ``target`` holds each row's column in ``Ŵ``, or −1 where another rank owns the class;
     ``lse`` turns the chunk's logits (and target logits, zero where not owned) into the
-    row-wise log-sum-exp and target logit: :func:`local_lse` here, all-reduced across ranks
-    for a model-parallel classifier (:func:`broadface.dist.parallel_chunked_margin_ce`).
+    row-wise log-sum-exp and target logit: :func:`local_lse` in one process, all-reduced
+    across ranks for a class-sharded classifier (:meth:`broadface.heads.partition.ClassPartition.lse`).
+    Gathers and scatters with ``torch.where`` instead of boolean indexing: no host sync.
     """
 
     @staticmethod
@@ -60,18 +61,18 @@ class ChunkedMarginCE(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 f = feats_n[start:start + chunk_size].float()
                 t = target[start:start + chunk_size]
-                own = (t >= 0).nonzero().squeeze(1)
-                t_own = t[own].long()
+                own, col = t >= 0, t.clamp_min(0).unsqueeze(1)
                 z = torch.mm(f * scale, w.t())                       # s·cos, (k, C): the only big tensor
-                phi, slope = target_and_slope(margin, (z[own, t_own] / scale).clamp_(-1.0, 1.0), need_grad)
-                z[own, t_own] = scale * phi
-                tz = torch.zeros(f.shape[0], dtype=z.dtype, device=z.device)
-                tz[own] = scale * phi
+                z_t = z.gather(1, col).squeeze(1)
+                phi, slope = target_and_slope(margin, (z_t / scale).clamp_(-1.0, 1.0), need_grad)
+                tz = torch.where(own, scale * phi, 0.0)
+                z.scatter_(1, col, torch.where(own, tz, z_t).unsqueeze(1))
                 row_lse, tz = lse(z, tz)
                 total += (row_lse - tz).sum(dtype=torch.float64)
                 if need_grad:
                     p = z.sub_(row_lse.unsqueeze(1)).exp_()          # softmax, in place
-                    p[own, t_own] = (p[own, t_own] - 1.0) * slope    # ∂L/∂cos ÷ s
+                    p_t = p.gather(1, col).squeeze(1)
+                    p.scatter_(1, col, torch.where(own, (p_t - 1.0) * slope, p_t).unsqueeze(1))  # ∂L/∂cos ÷ s
                     grad_w.addmm_(p.t(), f, alpha=scale)             # (C, k) @ (k, D)
         ctx.n = n
         if need_grad:
@@ -84,12 +85,12 @@ class ChunkedMarginCE(torch.autograd.Function):
         return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None, None
 
 
-def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, labels: Tensor,
-                      target: Callable[[Tensor], Tensor], scale: float, chunk_size: int = 4096) -> Tensor:
-    """Mean margin CE of fixed normalised ``feats_n`` against normalised ``weight_n``.
+def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, target: Tensor, margin: Callable[[Tensor], Tensor],
+                      scale: float, chunk_size: int = 4096, lse: LseFn = local_lse) -> Tensor:
+    """Mean margin CE of fixed normalised ``feats_n`` against normalised ``weight_n``: the union loss.
 
-    Gradients flow to ``weight_n`` only; ``feats_n`` and ``labels`` are treated as data.
+    Gradients flow to ``weight_n`` only; ``feats_n`` and ``target`` (columns, −1: not held here) are data.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), labels, target, scale, chunk_size, local_lse)
+    return ChunkedMarginCE.apply(weight_n, feats_n.detach(), target, margin, scale, chunk_size, lse)

@@ -37,7 +37,8 @@ class ModelConfig:
 class DataConfig:
     """Training / validation images: a named set (lfw, celeba299, omniglot, omniglot_small) or an image folder."""
 
-    name: Literal["lfw", "celeba299", "omniglot", "omniglot_small", "folder", "recordio"] = "celeba299"  # folder: root/<identity>/*.jpg
+    # folder: root/<identity>/*.jpg; recordio: insightface train.rec/.idx
+    name: Literal["lfw", "celeba299", "omniglot", "omniglot_small", "folder", "recordio"] = "celeba299"
     root: str | None = None  # named sets: the data root (null: broadface.paths.data_root()); else the set's path
     train_split: str = "train"
     val_split: str | None = "test"  # held-out identities for Recall@K; null disables evaluation
@@ -61,6 +62,7 @@ class HeadConfig:
     compensate: bool = True  # e* = e- + (|e-| / |W-_y|) (W_y - W-_y)
     chunk_size: int = 4096  # rows of the union whose (rows x classes) logits are alive at once (memory)
     storage: Literal["compact", "full"] = "compact"  # compact: D+2 numbers per entry; full: e- and W-_y
+    diagnostics: bool = False  # full storage + sample ids and ages (Fig. 5a: BroadFace.diagnostics()), comp. norm
     storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # queue storage
     # distributed (WORLD_SIZE > 1): W split by class over ranks (ShardedBroadFace, docs/distributed.md)
     queue_mode: Literal["local", "replicated"] = "local"  # local: queue_size per rank; replicated: world x it on each
@@ -153,8 +155,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> Config:
-        """Check values that types alone cannot; raise ValueError naming the field."""
+    def validate(self, world_size: int | None = None, device: str | None = None) -> Config:
+        """Check what types alone cannot, for a run on ``world_size`` ranks on ``device`` ("cpu", "cuda";
+        None: not known yet, e.g. ``--print-config``); raise ValueError naming the field. Every config
+        check lives here (the trainer calls it with its process's world and device)."""
         t, o, s, h = self.train, self.optim, self.schedule, self.head
         positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                     "train.log_every": t.log_every, "train.eval_batch_size": t.eval_batch_size,
@@ -175,9 +179,14 @@ class Config:
         _check(0 <= self.data.mask_prob <= 1, "data.mask_prob", self.data.mask_prob, "a probability in [0, 1]")
         _check(self.distill.weight >= 0, "distill.weight", self.distill.weight, "a number >= 0")
         _check(self.distill.batch_size > 0, "distill.batch_size", self.distill.batch_size, "a positive number")
+        _check(self.distill.teacher is not None or not (self.distill.unlabeled_root or self.distill.cache),
+               "distill.teacher", self.distill.teacher, "a teacher file when distill.unlabeled_root / distill.cache "
+               "is set (they need distill.teacher)")
         _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
         _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
         _check(0 < h.sample_rate <= 1, "head.sample_rate", h.sample_rate, "a fraction in (0, 1]")
+        _check(not h.diagnostics or h.storage == "full", "head.storage", h.storage,
+               "full when head.diagnostics=true (the diagnostics need e- and W-_y)")
         _check(t.micro_batch is None or t.micro_batch > 0, "train.micro_batch", t.micro_batch, "null or > 0")
         _check(t.micro_batch is None or t.grad_accum == 1, "train.micro_batch", t.micro_batch,
                "null when train.grad_accum > 1 (use one or the other)")
@@ -186,6 +195,12 @@ class Config:
         _check(0 <= s.warmup_start <= 1, "schedule.warmup_start", s.warmup_start, "a factor in [0, 1]")
         _check(t.init is None or t.resume is None, "train.init", t.init,
                "null when train.resume is set (a resumed run already holds its weights)")
+        _check(t.amp != "fp16" or device in (None, "cuda"), "train.amp", t.amp,
+               "bf16 or none on CPU (fp16 autocast and its GradScaler need a CUDA device)")
+        _check(not o.zero or world_size is None or world_size > 1, "optim.zero", o.zero, "false in one process "
+               "(ZeRO partitions optimizer state over ranks; it needs a torchrun job, WORLD_SIZE > 1)")
+        _check(world_size in (None, 1) or not self.distill.unlabeled_root, "distill.unlabeled_root",
+               self.distill.unlabeled_root, "null under torchrun (unlabeled images are supported in one process only)")
         return self
 
 

@@ -49,15 +49,15 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: Teacher, student_dim: int, weight: float = 9.0, kind: str = "cosine",
-                 cache: np.ndarray | None = None):
+                 cache: np.ndarray | None = None, unlabeled: bool = False):
         super().__init__()
         if kind not in ("cosine", "l2"):
             raise ValueError(f"config distill.kind={kind!r}: expected cosine or l2")
         self.teacher, self.cache, self.weight, self.kind = teacher, cache, float(weight), kind
+        self.unlabeled = unlabeled  # batches may hold label −1 images (filtering them needs a host sync)
         # Student -> teacher space when the dimensions differ (the student's own embedding is what is evaluated).
         self.projection: nn.Module = (nn.Linear(student_dim, teacher.dim, bias=False)
                                       if student_dim != teacher.dim else nn.Identity())
-        self.last_stats: dict[str, float] = {}
 
     def targets(self, images: Tensor, keys: Tensor | None) -> Tensor:
         """Teacher unit embeddings for the batch: cache rows by key, else the teacher on ``images``."""
@@ -75,29 +75,22 @@ class Distiller(nn.Module):
             return distill_loss(self.projection(embeddings.float()), self.targets(images, keys), self.kind)
 
     def forward(self, head: nn.Module, embeddings: Tensor, labels: Tensor, images: Tensor,
-                extra: list[Tensor] | tuple = ()) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
-        """``(loss, labelled embeddings, their labels, head stats)``: the last three feed the enqueue and logs.
+                extra: list[Tensor] | tuple = ()) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, labelled embeddings, their labels, distillation term)``: the middle two feed the enqueue.
 
         loss = head(labelled) + weight · term(all). A micro-batch with no labelled image has no
-        head loss (stats report 0 for it; the queue still holds what it held).
+        head loss (the queue still holds what it held). All values stay tensors (no host sync
+        unless ``unlabeled``: selecting the labelled rows needs their count).
         """
         keys = extra[0] if len(extra) else None
         d = self.term(embeddings, images, keys)
-        keep = labels >= 0
-        if bool(keep.all()):
-            emb, lab = embeddings, labels
-        else:
+        emb, lab = embeddings, labels
+        if self.unlabeled:
+            keep = labels >= 0
             emb, lab = embeddings[keep], labels[keep]
         if lab.numel():
-            loss = head(emb, lab, enqueue=False) + self.weight * d
-            stats = dict(head.last_stats)
-        else:
-            loss = self.weight * d
-            fill = int(getattr(getattr(head, "queue", None), "fill", 0))
-            stats = {"batch_loss": 0.0, "union_loss": 0.0, "queue_fill": fill, "compensation_norm": None}
-        stats["distill_loss"] = float(d.detach())
-        self.last_stats = stats
-        return loss, emb, lab, stats
+            return head(emb, lab, enqueue=False) + self.weight * d, emb, lab, d.detach()
+        return self.weight * d, emb, lab, d.detach()
 
     def sync_gradients(self) -> None:
         """torchrun: average the projection's gradient over ranks (it lives outside DDP); a no-op otherwise."""
@@ -120,30 +113,15 @@ class Distiller(nn.Module):
             optimizer.add_param_group(group)
 
 
-def check_mask_prob(cfg: Config, train_set: Dataset, injected: bool) -> None:
-    """``data.mask_prob`` applies to the configured data; an injected set must carry it in its own transform."""
-    want = cfg.data.mask_prob
-    if injected and want > 0 and getattr(getattr(train_set, "transform", None), "mask_prob", None) != want:
-        raise ValueError(f"config data.mask_prob={want}: the train_set passed to Trainer builds its own images; "
-                         f"give it FaceTransform(..., mask_prob={want}) (or leave data.mask_prob at 0)")
-
-
 def build_distiller(cfg: Config, train_set: Dataset, device: torch.device) -> tuple[Distiller | None, Dataset]:
     """``(Distiller or None, the training set to load from)`` for ``cfg.distill`` (teacher null: no change)."""
     d: DistillConfig = cfg.distill
-    if not d.teacher:
-        if d.unlabeled_root or d.cache:
-            raise ValueError("config distill.unlabeled_root / distill.cache need distill.teacher")
+    if not d.teacher:  # distill.cache / unlabeled_root without a teacher: refused by Config.validate
         return None, train_set
     from broadface.train.distill_data import DistillDataset, UnlabeledImages, fingerprint
     from broadface.train.teacher import load_teacher
     from broadface.train.teacher_cache import open_or_build
 
-    import torch.distributed as dist
-
-    if d.unlabeled_root and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # ranks would hand the (class-sharded) head micro-batches of different sizes
-        raise ValueError("config distill.unlabeled_root: unlabeled images are supported in one process only for now")
     teacher = load_teacher(d.teacher, device, fallback_size=cfg.model.input_size)
     unlabeled = None
     if d.unlabeled_root:
@@ -156,5 +134,6 @@ def build_distiller(cfg: Config, train_set: Dataset, device: torch.device) -> tu
                              "FaceTransform (the cache is keyed by index and flip); run without distill.cache")
         identity = {**teacher.identity, "dataset": fingerprint(data.parts)}
         cache = open_or_build(d.cache, teacher, data.parts, identity, d.batch_size, d.cache_dtype)
-    distiller = Distiller(teacher, cfg.model.embedding_size, d.weight, d.kind, cache).to(device)
+    distiller = Distiller(teacher, cfg.model.embedding_size, d.weight, d.kind, cache, unlabeled=bool(unlabeled))
+    distiller = distiller.to(device)
     return distiller, data

@@ -19,7 +19,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm.auto import tqdm
+
+from broadface.fileio import atomic_write_text
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -113,7 +116,7 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.close()
         if summary is not None and self.output is not None:
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            atomic_write_text(self.output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -143,7 +146,13 @@ def _summary_writer(path: Path, start_step: int):
 
 
 class IntervalMeter:
-    """Averages the losses (and measures samples/s) over one log interval; other stats are the last step's."""
+    """Averages the losses over one log interval (and measures samples/s); other stats are the last step's.
+
+    Values may be device tensors: they are summed on the device and turned into Python numbers in
+    :meth:`flush` with a single host sync, the only one of the interval.
+    """
+
+    MEAN = ("batch_loss", "union_loss", "distill_loss")
 
     def __init__(self) -> None:
         self.reset()
@@ -153,13 +162,17 @@ class IntervalMeter:
 
     def add(self, stats: dict[str, Any], samples: int, seconds: float) -> None:
         self.n, self.samples, self.seconds = self.n + 1, self.samples + samples, self.seconds + seconds
-        for k in ("batch_loss", "union_loss", "distill_loss"):
-            if k in stats:
-                self.sums[k] = self.sums.get(k, 0.0) + stats[k]
+        for k in self.MEAN:
+            if stats.get(k) is not None:
+                self.sums[k] = stats[k] if k not in self.sums else self.sums[k] + stats[k]
         self.last = stats
 
     def flush(self) -> dict[str, Any]:
         out = {**self.last, **{k: v / self.n for k, v in self.sums.items()},
                "samples_per_s": self.samples / self.seconds if self.seconds > 0 else 0.0}
+        keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        if keys:
+            values = torch.stack([out[k].detach().double().reshape(()) for k in keys]).tolist()  # the one sync
+            out.update(zip(keys, values))
         self.reset()
         return out

@@ -21,7 +21,7 @@ as in an ordinary micro-batched step. Cost: one extra forward pass without activ
 
 **ZeRO** (:func:`zero_redundancy`). ``torch.distributed.optim.ZeroRedundancyOptimizer``
 partitions optimizer state of *replicated* parameters across ranks and broadcasts the
-updated values. A class-sharded classifier (``ShardedBroadFace.weight``) holds different
+updated values. A class-sharded classifier (``BroadFace.sharded(...).weight``) holds different
 values on each rank and must stay out of it: pass it as ``local_params``; it gets a plain
 optimizer of the same class.
 """
@@ -47,22 +47,20 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
         torch.cuda.set_rng_state(state[1], device)
 
 
-def micro_batch_backward(encoder: nn.Module, head: nn.Module, images: Tensor, labels: Tensor, micro_batch: int,
-                         *, head_kwargs: dict[str, Any] | None = None,
-                         autocast: Callable[[], ContextManager] | None = None,
-                         scaler: torch.amp.GradScaler | None = None) -> Tensor:
-    """``head(encoder(images), labels).backward()`` with the encoder run ``micro_batch`` images at a time.
+def micro_batch_backward(encoder: nn.Module, loss_fn: Callable[[Tensor], Tensor], images: Tensor, micro_batch: int,
+                         *, autocast: Callable[[], ContextManager] | None = None,
+                         scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, Tensor]:
+    """``loss_fn(encoder(images)).backward()`` with the encoder run ``micro_batch`` images at a time.
 
-    Returns the detached loss. Gradients accumulate into ``.grad`` as an ordinary backward
-    would (call ``zero_grad`` first). ``scaler`` scales the loss (fp16); ``autocast`` is a
-    context factory for the forward passes. With DDP, pass the DDP-wrapped encoder: every
+    ``loss_fn`` maps the whole batch's embeddings to the scalar loss (e.g. ``lambda e: head(e, y)``);
+    it runs once. Returns the detached loss and embeddings. Gradients accumulate into ``.grad`` as an
+    ordinary backward would (call ``zero_grad`` first). ``scaler`` scales the loss (fp16); ``autocast``
+    is a context factory for the forward passes. With DDP, pass the DDP-wrapped encoder: every
     micro-batch but the last runs under ``no_sync``; all ranks must have the same number of
     micro-batches (equal local batch sizes).
     """
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images for {labels.shape[0]} labels")
     amp = autocast or contextlib.nullcontext
     chunks = images.split(micro_batch)
     buffers = dict(encoder.named_buffers())
@@ -78,9 +76,9 @@ def micro_batch_backward(encoder: nn.Module, head: nn.Module, images: Tensor, la
             buffers[k].copy_(v)
     emb = torch.cat(outs).detach().requires_grad_(True)
     with amp():
-        loss = head(emb, labels, **(head_kwargs or {}))
+        loss = loss_fn(emb)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    end_state = _rng_state(images.device)  # after the head's own draws (e.g. class sampling)
+    end_state = _rng_state(images.device)  # after the loss's own draws (e.g. class sampling)
     grads = emb.grad.split(micro_batch)
     no_sync = getattr(encoder, "no_sync", None)
     for i, (x, g) in enumerate(zip(chunks, grads)):          # pass 2: recompute with grad, backward slice
@@ -91,7 +89,7 @@ def micro_batch_backward(encoder: nn.Module, head: nn.Module, images: Tensor, la
                 out = encoder(x)
             out.backward(g.to(out.dtype))
     _set_rng_state(end_state, images.device)
-    return loss.detach()
+    return loss.detach(), emb.detach()
 
 
 @dataclass

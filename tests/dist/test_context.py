@@ -1,4 +1,5 @@
-"""torchrun-style setup, collectives with correct backward, rank-0-only work and ZeRO, on 2 gloo processes."""
+"""The distributed context (torchrun-style setup, joining a group, rank-0-only work, errors on every rank),
+collectives with a correct backward, and ZeRO, on 2 gloo processes."""
 import time
 
 import pytest
@@ -7,8 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: F401  (heavy; imported once, before forking)
 
-from broadface.dist import (DistEnv, all_gather_tensor, all_gather_with_grad, barrier, destroy_distributed, gather_to,
-                            init_distributed, reduce_mean, reduce_sums, run_on_main)
+from broadface.dist import (DistContext, all_gather_tensor, all_gather_with_grad, gather_to, init_distributed,
+                            reduce_mean, reduce_sums)
 from broadface.train.memory import zero_redundancy
 from broadface.train.optim import LARS
 from tests.helpers import env_for, free_port, rendezvous, spawn
@@ -59,8 +60,10 @@ def _zero_check(rank):
 
 def _worker(rank, world, tmp, port):
     rendezvous(tmp, rank, world)  # start together: the 2 s default timeout must only bite where intended
-    env = init_distributed("cpu", timeout_s=TIMEOUT, wait_timeout_s=60.0, env=env_for(rank, world, port))
-    res = {"env": (env.rank, env.world_size, env.local_rank, env.backend, env.is_main, str(env.device))}
+    ctx = init_distributed("cpu", timeout_s=TIMEOUT, wait_timeout_s=60.0, env=env_for(rank, world, port))
+    res = {"env": (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend, ctx.is_main, str(ctx.device))}
+    joined = init_distributed("cpu")  # the group exists now: a second context joins it
+    res["joined"] = (joined.rank, joined.world_size, joined.owns_group, ctx.owns_group)
     # uneven all-gather with backward: each rank weights every gathered row differently
     x = torch.full((3 - rank, 2), float(rank + 1), requires_grad=True)
     gathered = all_gather_with_grad(x)
@@ -76,15 +79,20 @@ def _worker(rank, world, tmp, port):
     res["gather_to"] = None if got is None else [t.tolist() for t in got]
     # rank-0-only evaluation longer than the default group's timeout: the others wait on the gloo wait_group
     t = time.monotonic()
-    res["eval"] = run_on_main(env, slow_eval, 1.5 * TIMEOUT)
+    res["eval"] = ctx.run_on_main(slow_eval, 1.5 * TIMEOUT)
     res["waited"] = time.monotonic() - t
     try:
-        run_on_main(env, failing_eval)
+        ctx.run_on_main(failing_eval)
         res["error"] = None
     except (ValueError, RuntimeError) as err:
         res["error"] = (type(err).__name__, "boom in evaluation" in str(err))
-    barrier()
-    barrier(env.wait_group, timeout_s=30.0)
+    res["broadcast"] = ctx.broadcast(f"from rank {rank}")
+    res["mean"] = (res["mean"], ctx.mean({"step": 3, "loss": float(rank), "name": "x", "none": None}))
+    try:  # one rank raises: every rank raises, none waits
+        ctx.agree(lambda: 1 / 0 if rank == 1 else "fine")
+        res["agree"] = None
+    except (ZeroDivisionError, RuntimeError) as err:
+        res["agree"] = (type(err).__name__, "rank 1 failed" in str(err) or rank == 1)
     res.update(_zero_check(rank))
     torch.save(res, tmp / f"runtime.{rank}.pt")
     # control: the same wait on the *default* group does time out, which is what run_on_main avoids
@@ -98,7 +106,7 @@ def _worker(rank, world, tmp, port):
         res["control"] = "timed out"
     res["control_s"] = time.monotonic() - t
     torch.save(res, tmp / f"runtime.{rank}.pt")
-    destroy_distributed()
+    ctx.close()
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +119,15 @@ def results(tmp_path_factory):
 def test_init_from_torchrun_environment(results):
     assert results[0]["env"] == (0, 2, 0, "gloo", True, "cpu")
     assert results[1]["env"] == (1, 2, 1, "gloo", False, "cpu")
+    assert results[1]["joined"] == (1, 2, False, True)  # the joining context will not destroy the group
+
+
+def test_broadcast_mean_and_agree(results):
+    for r in results:
+        assert r["broadcast"] == "from rank 0"
+        assert r["mean"][1] == {"step": 3, "loss": 0.5, "name": "x", "none": None}  # floats averaged, rest kept
+    assert results[1]["agree"] == ("ZeroDivisionError", True)  # the failing rank re-raises its own error
+    assert results[0]["agree"] == ("RuntimeError", True)  # the others learn which rank failed
 
 
 def test_all_gather_uneven_lengths_and_backward(results):
@@ -122,7 +139,7 @@ def test_all_gather_uneven_lengths_and_backward(results):
 
 def test_metric_reductions(results):
     for r in results:
-        assert r["mean"] == (0.5, [0.5, 1.0])
+        assert r["mean"][0] == (0.5, [0.5, 1.0])
         assert r["sums"] == {"correct": 3.0, "total": 20.0}
     assert results[0]["gather_to"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]] and results[1]["gather_to"] is None
 
@@ -143,8 +160,10 @@ def test_zero_redundancy_equals_the_plain_optimizer(results):
 
 
 def test_environment_errors_name_the_variable():
-    assert init_distributed("cpu", env={}) == DistEnv()
-    assert run_on_main(DistEnv(), lambda: 7) == 7
+    assert init_distributed("cpu", env={}) == DistContext()  # one process: rank 0 of 1
+    one = DistContext()
+    assert one.run_on_main(lambda: 7) == 7 and one.broadcast(5) == 5 and one.agree(lambda: 3) == 3
+    assert one.mean({"loss": 1.5}) == {"loss": 1.5} and one.is_main and not one.distributed
     base = env_for(0, 2, 29500)
     with pytest.raises(ValueError, match="RANK is not set"):
         init_distributed("cpu", env={k: v for k, v in base.items() if k != "RANK"})

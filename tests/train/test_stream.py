@@ -1,31 +1,10 @@
-"""RNG capture (weights_only-loadable) and the resumable batch stream."""
+"""The resumable batch stream, with and without sample ids."""
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 
-from broadface.train.state import BatchStream, capture_rng, restore_rng
-
-
-def draw():
-    return random.random(), float(np.random.rand()), float(torch.rand(()))
-
-
-def test_rng_round_trip_through_weights_only_load(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    np.random.randn()  # leaves a cached gaussian in numpy's state
-    torch.manual_seed(3)
-    torch.save(capture_rng(), tmp_path / "rng.pt")
-    expected = draw()
-    random.seed(9)
-    np.random.seed(9)
-    torch.manual_seed(9)
-    assert draw() != expected
-    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert draw() == expected
+from broadface.data.loader import make_loader
+from broadface.train.stream import BatchStream
 
 
 def test_batch_stream_resumes_at_its_position():
@@ -49,3 +28,23 @@ def test_batch_stream_empty_loader_is_an_error():
         assert "yields no batches" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+class Indexed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]), i % 3
+
+
+def test_batch_stream_ids_are_the_loader_indices():
+    def make(epoch, start):
+        return make_loader(Indexed(), 4, shuffle=True, seed=1, drop_last=True, epoch=epoch, start_batch=start)
+
+    stream = BatchStream(make, with_ids=True)
+    for _ in range(5):  # two epochs of 2 batches, and one more
+        (x, y), ids = next(stream)
+        assert torch.equal(x[:, 0].long(), ids) and torch.equal(y, ids % 3)
+    resumed = BatchStream(make, **stream.position, with_ids=True)
+    assert torch.equal(next(resumed)[1], next(stream)[1])
