@@ -85,7 +85,8 @@ def train_config(spec: RunSpec, init: str | None):
     cfg.data.name, cfg.data.flip, cfg.data.rotations, cfg.data.val_split = "omniglot", False, spec.rotations, None
     cfg.head.loss, cfg.head.scale, cfg.head.margin = spec.loss, spec.scale, spec.margin
     cfg.head.queue_size, cfg.head.compensate = spec.queue, spec.compensate
-    cfg.head.storage = "full" if spec.error_steps else "compact"
+    cfg.head.storage = "full" if spec.error_steps and spec.queue else "compact"
+    cfg.head.diagnostics = bool(spec.error_steps and spec.queue)  # the queue keeps sample ids (Fig. 5a)
     for key, value in spec.head:
         setattr(cfg.head, key, value)
     cfg.optim.lr, cfg.optim.weight_decay = spec.lr, spec.weight_decay
@@ -101,26 +102,9 @@ def train_set(spec: RunSpec):
 
 
 def _trainer(spec: RunSpec, init: str | None):
-    from broadface.heads.queue import EmbeddingQueue
     from broadface.train.trainer import Trainer
 
-    tr = Trainer(train_config(spec, init), train_set=train_set(spec), progress=False)
-    if spec.error_steps and spec.queue:  # full storage that also keeps sample ids and enqueue steps
-        tr.head.queue = EmbeddingQueue(spec.queue, spec.dim, "full", compensate=spec.compensate, track_ids=True)
-    return tr
-
-
-def _record_ids(tr) -> None:
-    """Write the sample ids of the batch just enqueued into the queue (read off the loader's order)."""
-    from broadface.data.loader import epoch_order
-
-    q, b = tr.head.queue, tr.cfg.train.batch_size
-    epoch, batch = tr.stream.epoch, tr.stream.batch - 1  # the batch consumed by the last step
-    ids = epoch_order(len(tr.train_set), tr.cfg.train.seed, epoch)[batch * b:(batch + 1) * b]
-    slots = (q.ptr - len(ids) + torch.arange(len(ids))) % q.size
-    if not torch.equal(q.labels[slots], tr.train_set.labels[ids]):
-        raise RuntimeError("queue labels do not match the loader order: sample ids would be wrong")
-    q.ids[slots] = ids
+    return Trainer(train_config(spec, init), train_set=train_set(spec), progress=False)
 
 
 @torch.no_grad()
@@ -131,19 +115,17 @@ def compensation_error(tr, stride: int) -> dict[str, list]:
     train mode (BatchNorm with that batch's statistics, as when they were enqueued) on a copy of the
     encoder (running statistics untouched). Entries of every ``stride``-th enqueue step are used.
     """
-    q = tr.head.queue
-    order = q.order()
-    steps = q.steps[order]
-    picked = [s for s in torch.unique(steps).tolist() if s % stride == 0]
+    diag = tr.head.diagnostics()  # oldest first: sample ids, ages, e*, e⁻
     model = copy.deepcopy(tr.model).train()
-    slots, current = [], []
-    for s in picked:
-        sl = order[steps == s]
-        slots.append(sl)
-        current.append(model(tr.train_set.images[q.ids[sl]]))
-    err = tr.head.compensation_error(torch.cat(current), torch.cat(slots))
-    return {k: [round(float(x), 6) for x in v.tolist()] if v.is_floating_point() else v.tolist()
-            for k, v in err.items()}
+    picked = [a for a in torch.unique(diag.ages).tolist() if a % stride == 0]
+    rows = [torch.nonzero(diag.ages == a).squeeze(1) for a in picked]
+    current = torch.cat([model(tr.train_set.images[diag.ids[r]]) for r in rows])
+    order = torch.cat(rows)
+    sub = replace(diag, ids=diag.ids[order], ages=diag.ages[order], labels=diag.labels[order],
+                  compensated=diag.compensated[order], uncompensated=diag.uncompensated[order])
+    comp, unc = sub.cosine_error(current)
+    return {"age": sub.ages.tolist(), "compensated": [round(float(x), 6) for x in comp.tolist()],
+            "uncompensated": [round(float(x), 6) for x in unc.tolist()]}
 
 
 def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads: int = 1) -> dict[str, Any]:
@@ -163,11 +145,11 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
     for step in range(1, spec.steps + 1):
         ts = time.perf_counter()
         stats = tr.train_step()
-        if track:
-            _record_ids(tr)
         train_s += time.perf_counter() - ts
-        if step % max(1, spec.steps // 50) == 0 or step == spec.steps:
-            losses.append((step, float(stats["batch_loss"]), float(stats["union_loss"])))
+        if step % max(1, spec.steps // 50) == 0 or step == spec.steps:  # a host sync, every 2 % of the run
+            tr.check_finite()
+            s = stats.as_dict()
+            losses.append((step, s["batch_loss"], s["union_loss"]))
         if spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
             curve.append((step, evaluate(tr.model, test)["recall@1"]))
         if track and step in spec.error_steps:
