@@ -73,7 +73,7 @@ def run_arm(a, seed: int, queue: int) -> dict:
     first = None
     while tr.step < a.steps:
         stats = tr.train_step()
-        first = float(stats["batch_loss"]) if first is None else first
+        first = stats.as_dict()["batch_loss"] if first is None else first
     train_s = time.perf_counter() - t0
     ret = evaluate_retrieval(tr.model, test, flip=True)
     ver = evaluate_pairs(tr.model, pairs, folds=10, flip=True)
