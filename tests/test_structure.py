@@ -1,4 +1,5 @@
-"""Plain structural checks (docs/architecture.md): the layering, file sizes, one union loss, one resize."""
+"""Plain structural checks (docs/architecture.md): the layering, file and function sizes, one union loss,
+one image resize."""
 from __future__ import annotations
 
 import ast
@@ -92,6 +93,13 @@ def test_library_never_imports_tests_or_bench_and_bench_never_imports_tests():
 def test_no_library_file_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"files over 400 lines: {long}"
+
+
+def test_no_library_function_over_60_lines():
+    long = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in SRC.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
 
 
 def _calls(pattern: str) -> list[str]:
