@@ -110,6 +110,15 @@ def _classes(spec: RunSpec) -> int:
     return 964 * spec.rotations
 
 
+def _regime_classes(text: str) -> int | str | None:
+    """'all' -> every background character, 'rot' -> the 3,856 rotation classes, else a count."""
+    if text in ("all", "rot"):
+        return None if text == "all" else "rot"
+    if not text.isdigit():
+        raise SystemExit(f"--regime-classes: expected a count, 'all' or 'rot', got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, tiny runs (debugging the machinery)")
@@ -122,6 +131,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--skip-costs", action="store_true", help="no step-time / memory measurements")
+    ap.add_argument("--queues", nargs="+", type=int, help="sweep/warm queue sizes (default: 0 1k 4k 8k 16k 32k)")
+    ap.add_argument("--regime-classes", nargs="+", help="training classes of the regime map: counts, 'all', 'rot'")
+    ap.add_argument("--regime-batches", nargs="+", type=int, help="batch sizes of the regime map (default: 32 128 512)")
+    ap.add_argument("--regime-queue", type=int, help="the regime map's queue (default: 8192)")
+    ap.add_argument("--regime-steps", type=int, help="steps of each regime-map run (default: 1000)")
     args = ap.parse_args()
     if args.from_json:
         return markdown.render(json.loads(args.from_json.read_text()), args.out, args.results)
@@ -130,6 +144,16 @@ def main() -> None:
         sc.parts = tuple(args.parts)
     if args.seeds:
         sc.seeds = tuple(args.seeds)
+    if args.queues:
+        sc.queues = tuple(args.queues)
+    if args.regime_classes:
+        sc.regime_classes = tuple(_regime_classes(c) for c in args.regime_classes)
+    if args.regime_batches:
+        sc.regime_batches = tuple(args.regime_batches)
+    if args.regime_queue is not None:
+        sc.regime_queue = args.regime_queue
+    if args.regime_steps:
+        sc.regime_steps = args.regime_steps
     specs = plan(sc)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
