@@ -24,7 +24,7 @@ from pathlib import Path
 from broadface.fileio import atomic_write_json
 from broadface.study import costs, markdown
 from broadface.study.plan import StudyConfig, plan
-from broadface.study.runs import RunSpec, run
+from broadface.study.runs import RunSpec, from_demo, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,31 @@ def _classes(spec: RunSpec) -> int:
     return 964 * spec.rotations
 
 
+def _matches(spec: RunSpec, where: str) -> bool:
+    """``FIELD=VALUE`` (VALUE as JSON: 8192, false, null; else a string) against a RunSpec field."""
+    name, sep, text = where.partition("=")
+    if not sep or name not in asdict(spec):
+        raise SystemExit(f"--where {where!r}: expected FIELD=VALUE with FIELD one of {sorted(asdict(spec))}")
+    try:
+        value = json.loads(text.lower() if text in ("True", "False") else text)
+    except json.JSONDecodeError:
+        value = text
+    return getattr(spec, name) == value
+
+
+def _import_demo(data: dict, path: Path) -> None:
+    """Add the demo's many-class runs as sweep records (a run already in ``data`` is kept)."""
+    have = {(RunSpec.from_dict(r["spec"]).pair_key(), r["spec"]["queue"], r["spec"]["compensate"], r["spec"]["seed"])
+            for r in data["runs"]}
+    added = 0
+    for r in from_demo(json.loads(path.read_text()), source=str(path)):
+        s = RunSpec.from_dict(r["spec"])
+        if (s.pair_key(), s.queue, s.compensate, s.seed) not in have:
+            data["runs"].append(r)
+            added += 1
+    print(f"imported {added} run(s) of the demo's many-class track from {path}", flush=True)
+
+
 def _regime_classes(text: str) -> int | str | None:
     """'all' -> every background character, 'rot' -> the 3,856 rotation classes, else a count."""
     if text in ("all", "rot"):
@@ -131,6 +156,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--skip-costs", action="store_true", help="no step-time / memory measurements")
+    ap.add_argument("--where", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="run only the planned runs whose RunSpec field has this value (e.g. compensate=False)")
+    ap.add_argument("--import-demo", type=Path, metavar="RESULTS_JSON",
+                    help="take the sweep's queue-0 / compensated arms from a `broadface demo` results.json")
     ap.add_argument("--queues", nargs="+", type=int, help="sweep/warm queue sizes (default: 0 1k 4k 8k 16k 32k)")
     ap.add_argument("--regime-classes", nargs="+", help="training classes of the regime map: counts, 'all', 'rot'")
     ap.add_argument("--regime-batches", nargs="+", type=int, help="batch sizes of the regime map (default: 32 128 512)")
@@ -154,7 +183,7 @@ def main() -> None:
         sc.regime_queue = args.regime_queue
     if args.regime_steps:
         sc.regime_steps = args.regime_steps
-    specs = plan(sc)
+    specs = [s for s in plan(sc) if all(_matches(s, w) for w in args.where)]
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "runs.json"
@@ -162,6 +191,8 @@ def main() -> None:
     data.update(command="python bench/study.py " + " ".join(sys.argv[1:]), config=asdict(sc),
                 machine=markdown.machine(), wall_s_before=data.get("wall_s", 0), commit=_commit())
     data.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if args.import_demo:
+        _import_demo(data, args.import_demo)
     train_all(specs, data, json_path, args.work, args.workers, args.threads)
     if not args.skip_costs:
         measure_costs([RunSpec.from_dict(r["spec"]) for r in data["runs"]], data, args.threads, args.quick)

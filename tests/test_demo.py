@@ -54,6 +54,18 @@ def test_demo_micro(tmp_path, root, capsys):
     assert "paired BroadFace − ArcFace, Recall@1" in table and "Omniglot: 40 classes" in table
 
 
+def test_the_study_can_take_the_demos_runs_as_its_sweep_arms(tmp_path, root):
+    """A demo arm imported into the study re-runs from its reconstructed spec to the same Recall@1."""
+    from broadface.study.runs import RunSpec, from_demo, run
+
+    summary = run_demo(DemoConfig(output=str(tmp_path), threads=1, faces=False, **{**MICRO, "seeds": [1]}))
+    records = from_demo(summary, source="results.json")
+    assert {(r["spec"]["queue"], r["spec"]["seed"], r["spec"]["part"]) for r in records} == {(0, 1, "sweep"),
+                                                                                          (64, 1, "sweep")}
+    broad = next(r for r in records if r["spec"]["queue"])
+    assert broad["recall@1"] == run(RunSpec.from_dict(broad["spec"]), threads=1)["recall@1"]
+
+
 def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path, root, capsys):
     (tmp_path / "results.json").write_text("{}")
     assert main(["demo", "--quick", "--output", str(tmp_path), "--no-progress"]) == 2

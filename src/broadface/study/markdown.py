@@ -37,7 +37,8 @@ def arm_table(data: dict, part: str) -> str:
         gain = "–" if q == 0 else report.fmt_gain(report.gain(runs, part, g, q, c))
         ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
         mb = f"{cost['step_mb']:.0f}" if "step_mb" in cost else "–"
-        rows.append(f"| {_arm(q, c)} | {len(by_seed)} | {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
+        dagger = " †" if any("source" in r for r in by_seed.values()) else ""
+        rows.append(f"| {_arm(q, c)}{dagger} | {len(by_seed)} | {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
                     f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {ratio} | {mb} |")
     return "\n".join(rows)
 
@@ -133,7 +134,7 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
     parts += ["## 1. Queue-size sweep from scratch (cf. paper Table 6a, Fig. 7)", "",
               f"964 classes, batch 128 (a batch shows ~13 % of the classes), {c['steps']} steps, "
               f"lr {c['base']['lr']:g}.",
-              "", arm_table(data, "sweep"), "", *img("sweep", "queue sweep"), *img("curves", "learning curves")]
+              "", arm_table(data, "sweep"), "", *_sources(runs), *img("sweep", "queue sweep"), *img("curves", "learning curves")]
     parts += ["## 2. From a warm start", "",
               f"Each seed's arms start from one ArcFace model trained {c['warm_steps']} steps without a queue "
               f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps.", "",
@@ -161,6 +162,17 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
     parts += ["---", "", notes.read_text().strip() if notes.exists() else "", ""]
     atomic_write_text(results, "\n".join(parts))
     print(f"wrote {results} and {len(rel)} plot(s) in {out_dir}", flush=True)
+
+
+def _sources(runs: list[dict]) -> list[str]:
+    """The footnote for arms (†) with runs taken from a `broadface demo` (same recipe, not trained twice)."""
+    src = sorted({r["source"] for r in runs if "source" in r})
+    if not src:
+        return []
+    n = sum("source" in r for r in runs)
+    return [f"† {n} of these runs are the many-class track of `broadface demo` ({', '.join(f'`{s}`' for s in src)}, "
+            "imported with `--import-demo`): the same recipe, run with the demo's thread count and curve "
+            "resolution.", ""]
 
 
 def _distill_section(path: Path) -> list[str]:
