@@ -170,7 +170,8 @@ def from_demo(results: dict[str, Any], source: str) -> list[dict[str, Any]]:
 
     The demo's Omniglot arms are the sweep's queue-0 and compensated-queue arms with the same recipe
     (RunSpec defaults), so a study may take them instead of training them twice; each record keeps
-    ``source`` (the file it came from) and the demo's own curve resolution in its spec."""
+    ``source`` (the file it came from), the demo's thread count (it changes the floating-point sums, so
+    runs to be compared bit for bit need the same) and the demo's own curve resolution in its spec."""
     om, cfg = results["omniglot"], results["config"]
     out = []
     for arm in om["arms"].values():
@@ -181,5 +182,5 @@ def from_demo(results: dict[str, Any], source: str) -> list[dict[str, Any]]:
                            test_classes=cfg["omniglot_test_classes"], width=cfg["omniglot_width"],
                            dim=cfg["omniglot_dim"], eval_every=every)
             out.append({"spec": asdict(spec), "key": spec.key(), **r, "num_classes": om["classes"], "errors": [],
-                        "source": source})
+                        "source": source, "threads": cfg["threads"]})
     return out
