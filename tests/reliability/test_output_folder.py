@@ -7,11 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from broadface.models.checkpoint import load_checkpoint
-from broadface.train.outdir import RunFolder
 from broadface.train.trainer import Trainer, train
 
 
@@ -25,9 +25,11 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_naming_the_owner(tmp_pa
 
 
 def test_the_lock_is_held_by_another_process_until_it_dies(tmp_path, faces, make_config):
-    code = ("import sys, time; from broadface.train.outdir import RunFolder; RunFolder(sys.argv[1]).claim(); "
+    code = ("import sys, time; from broadface.train.trainer import Trainer; from tests.helpers import tiny_config, "
+            "celeba_faces; Trainer(tiny_config(sys.argv[1]), train_set=celeba_faces(0, 8, 6, True), progress=False); "
             "print('locked', flush=True); time.sleep(60)")
-    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
     try:
         assert owner.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=rf"in use by another run \(pid {owner.pid} "):
@@ -129,6 +131,8 @@ def test_a_read_only_output_parent_is_refused(tmp_path, faces, make_config):
 
 
 def test_run_folder_results_and_release(tmp_path):
+    from broadface.train.outdir import RunFolder
+
     folder = RunFolder(tmp_path / "run")
     folder.claim()
     (tmp_path / "run" / "checkpoints").mkdir()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from broadface.train.guard import ADJUSTABLE, IGNORED, check_resume, config_changes, data_fingerprint
 from broadface.train.trainer import Trainer, train
 
 
@@ -71,6 +70,8 @@ def test_allow_list_names_adjustable_keys_only(make_config):
 
 
 def test_key_kinds_are_disjoint_and_unknown_keys_are_guarded():
+    from broadface.train.guard import ADJUSTABLE, IGNORED, check_resume, config_changes
+
     assert not IGNORED & ADJUSTABLE
     theirs = {"head": {"new_margin_option": 1}, "train": {"output": "a"}}
     ours = {"head": {"new_margin_option": 2}, "train": {"output": "b"}}
@@ -80,6 +81,8 @@ def test_key_kinds_are_disjoint_and_unknown_keys_are_guarded():
 
 
 def test_fingerprint_follows_the_class_list(faces, make_faces):
+    from broadface.train.guard import data_fingerprint
+
     a, b = data_fingerprint(faces), data_fingerprint(make_faces(0, 8, 6, flip=False))
     assert a == b and a["num_classes"] == 8 and a["num_images"] == 48  # same identities, other transform
     assert data_fingerprint(make_faces(100, 8, 6, flip=True))["classes_sha256"] != a["classes_sha256"]

@@ -8,7 +8,6 @@ import signal
 import pytest
 
 from broadface.models.checkpoint import load_checkpoint
-from broadface.train.signals import StopSignals
 from broadface.train.trainer import train
 from tests.train.test_trainer import assert_same_state
 
@@ -41,6 +40,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp
 
 
 def test_a_second_sigint_interrupts_at_once():
+    from broadface.train.signals import StopSignals
+
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested() and stop.name == "SIGINT"
