@@ -109,8 +109,10 @@ def test_checkpoint_mistakes_are_named(ckpt, small_folder, tmp_path, capsys):
 
     c = load_torch(ckpt)
     misfit = atomic_torch_save({**c, "model": {**c["model"], "width": 16}}, tmp_path / "misfit.pt")
-    for argv in (["embed", misfit, small_folder, "--out", tmp_path / "e.npy"], ["export", "onnx", misfit,
-                                                                              tmp_path / "m.onnx"]):
+    image = next((small_folder / "Al_Gore").iterdir())
+    for argv in (["embed", misfit, small_folder, "--out", tmp_path / "e.npy"], ["verify", misfit, image, image],
+                 ["identify", misfit, image, "--gallery", small_folder], ["eval", misfit, "--retrieval", small_folder],
+                 ["export", "onnx", misfit, tmp_path / "m.onnx"]):
         one_line_error(capsys, argv, "body.0.weight: [8, 3, 3, 3] in the checkpoint, [16, 3, 3, 3] in the model")
     pickled = tmp_path / "object.pt"
     torch.save({"format": "broadface", "thing": Path("x")}, pickled)  # an object outside the allow-list

@@ -113,3 +113,17 @@ def test_directories_given_as_files_are_named_as_directories(ckpt, small_folder,
     one_line_error(capsys, ["export", "onnx", small_folder, tmp_path / "m.onnx"], "is a directory")
     one_line_error(capsys, ["train", OMNIGLOT, *SMALL, f"train.output={tmp_path / 'run'}",
                             f"train.resume={small_folder}"], "is a directory, expected a .pt file")
+
+
+def test_a_read_only_output_folder_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    """Simulated (the tests may run as root, who writes anywhere): the folder refuses writing."""
+    import broadface.fileio as fileio
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(fileio.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    one_line_error(capsys, ["export", "onnx", ckpt, ro / "m.onnx"], f"output {ro / 'm.onnx'}: {ro} is not writable "
+                   "(permission denied)")
+    one_line_error(capsys, ["train", OMNIGLOT, *SMALL, f"train.output={ro / 'run'}"], f"{ro} is not writable")
+    assert not list(ro.iterdir())
