@@ -50,6 +50,17 @@ def celeba_faces(first: int, ids: int, per_id: int, flip: bool, size: int = 28) 
     return FaceFolder.from_samples(samples, classes, transform=tf)
 
 
+def lfw_pairs_bin(lfw_root: Path, path: Path, first: int = 0, pairs: int = 60) -> Path:
+    """An insightface-style ``.bin`` of ``pairs`` real LFW pairs of fold 0 (matched and mismatched interleaved,
+    from the ``first``-th of each kind)."""
+    from broadface.data.binfile import lfw_bin_images, write_bin
+    from broadface.data.pairs import read_lfw_pairs
+
+    all_pairs = read_lfw_pairs(lfw_root / "pairs.txt")
+    chosen = [p for i in range(first, first + pairs // 2) for p in (all_pairs[i], all_pairs[300 + i])]
+    return write_bin(path, *lfw_bin_images(chosen, lfw_root / "aligned-112x112"))
+
+
 def build_ijb_1n(root: Path, lfw_dir: Path, subjects: int = 12, pairs: bool = False) -> list[str]:
     """IJB-style 1:N meta over real aligned LFW faces. Per subject (an identity with >= 7 images): a gallery
     template of 3 images (two from one media, averaged, plus one from another), a probe template of 2 images

@@ -9,7 +9,9 @@ old file or the new one, never half of one; the temporary file is removed on any
 one left by a killed process (its pid gone) is removed by :func:`remove_stale_temps`.
 
 Untrusted torch files are read with :func:`load_torch` (``weights_only=True``: tensors and
-plain containers only, never code).
+plain containers only, never code). :func:`check_output` says, before any work starts, why a path
+cannot be written (a directory where a file is expected, a file in the way of a folder, no
+permission, a read-only file system, the command's own input).
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as err:  # name the file being written, not its temporary (disk full, quota, ...)
+        tmp.unlink(missing_ok=True)
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -128,6 +135,44 @@ def _load_reason(err: Exception) -> str:
         return f"not a torch file, or a corrupt one ({m.group(1).strip()})"
     lines = [x for x in text.strip().splitlines() if "weights_only" not in x]
     return lines[0] if lines else type(err).__name__
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
+def check_output(path: str | os.PathLike, what: str, *, folder: bool = False,
+                 inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """``path`` if a file (``folder=False``) or folder could be written there, else :class:`OutputPathError`
+    ``"{what} {path}: {reason}"``. Nothing is created. ``inputs`` are files the command reads: writing
+    over one of them is refused (``export onnx X.pt X.pt``)."""
+    path = Path(path)
+    reason = _output_problem(path, folder, [Path(i) for i in inputs if i is not None])
+    if reason:
+        raise OutputPathError(f"{what} {path}: {reason}")
+    return path
+
+
+def _output_problem(path: Path, folder: bool, inputs: list[Path]) -> str | None:
+    if path.is_dir() and not folder:
+        return "is a directory, expected a file name"
+    if path.exists() and not path.is_dir() and folder:
+        return "is a file, expected a folder"
+    for src in inputs:
+        if path.exists() and src.exists() and os.path.samefile(path, src):
+            return f"is the input {src}: writing it would replace it (choose another output name)"
+    if path.is_file() and not (path.stat().st_mode & 0o222 and os.access(path, os.W_OK)):
+        return "is read-only; remove it or choose another name"
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        if hasattr(os, "statvfs") and os.statvfs(parent).f_flag & getattr(os, "ST_RDONLY", 1):
+            return f"{parent} is on a read-only file system"
+        return f"{parent} is not writable (permission denied)"
+    return None
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

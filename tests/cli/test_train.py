@@ -1,6 +1,7 @@
 """``broadface train``: runs a preset end to end, prints the config, reports bad keys plainly."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import yaml
@@ -40,3 +41,21 @@ def test_bad_key_is_a_one_line_error(capsys):
     assert err.startswith("broadface train: error:") and "optim.lerning_rate" in err and "Traceback" not in err
     assert main(["train", "no/such.yaml"]) == 2
     assert "no/such.yaml does not exist" in capsys.readouterr().err
+
+
+def test_a_resume_says_so_marks_its_partial_interval_and_overwrite_is_explicit(tmp_path, capsys):
+    from tests.cli.test_paths import one_line_error
+
+    args = ["train", OMNIGLOT, *SMALL, "train.steps=6", "train.log_every=3", "train.checkpoint_every=2",
+            "train.keep_checkpoints=0", f"train.output={tmp_path}", "--no-progress"]
+    steps = lambda: [(r["step"], r["interval_steps"]) for r in csv.DictReader((tmp_path / "train.csv").open())]  # noqa
+    assert main(args) == 0
+    capsys.readouterr()
+    one_line_error(capsys, args, f"train.output {tmp_path}", "holds the results of another run", "--overwrite")
+    ckpt = tmp_path / "checkpoints" / "step_0000004.pt"
+    assert main([*args, f"train.resume={ckpt}"]) == 0
+    assert f"resumed from step 4 ({ckpt})" in capsys.readouterr().out
+    assert steps() == [("3", "3"), ("6", "2")]  # the first row after the resume averages steps 5-6 only
+    assert "resumed from step 4" in (tmp_path / "train.log").read_text()
+    assert main([*args, "--overwrite"]) == 0
+    assert steps() == [("3", "3"), ("6", "3")]

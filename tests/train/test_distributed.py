@@ -21,7 +21,7 @@ from torch import nn
 from broadface.fileio import atomic_torch_save
 from broadface.models.checkpoint import load_checkpoint
 from broadface.train.trainer import Trainer
-from tests.helpers import free_port, spawn
+from tests.helpers import free_port, lfw_pairs_bin, spawn
 from tests.helpers import tiny_config as make_config
 
 BATCH, QUEUE, STEPS = 8, 16, 6  # global batch and queue (one process); per rank: halves
@@ -65,7 +65,8 @@ def _worker(rank, world, tmp, faces, val_faces, init):
     resume = f"train.resume={tmp / 'one/checkpoints/step_0000002.pt'}"
     for name, extra in {"two": [], "zero_micro": ["optim.zero=true", "train.micro_batch=2"],
                         "from_one": ["head.queue_mode=replicated", resume],
-                        "sampled": ["head.sample_rate=0.5", "train.steps=2"]}.items():
+                        "sampled": ["head.sample_rate=0.5", "train.steps=2", f"train.val_bins=[{tmp / 'v.bin'}]"]
+                        }.items():
         init_opt = [] if name == "from_one" else [f"train.init={init}"]
         records, trainer = run(faces, tmp / name, world, *init_opt, *extra,
                                val_set=val_faces if name == "sampled" else None)
@@ -73,6 +74,8 @@ def _worker(rank, world, tmp, faces, val_faces, init):
         out[f"{name}_evals"] = trainer.evals  # sampled: evaluated on rank 0, result on every rank
         assert len(trainer.evals) == (name == "sampled")  # on every rank
         assert trainer.ctx.world_size == world and trainer.output == (None if rank else tmp / name)
+    torch.save({"val_bins_evaluated": trainer.valsets.evaluated if trainer.valsets else 0,
+                "eval_keys": sorted(trainer.evals[-1])}, tmp / f"rank{rank}.pt")  # the "sampled" run's
     if rank == 0:
         torch.save(out, tmp / "records.pt")
 
@@ -100,7 +103,7 @@ def same_losses(a, b, steps=None):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, faces, val_faces):
+def runs(tmp_path_factory, faces, val_faces, lfw_root):
     """One process (reference), then 2 ranks: straight, ZeRO + micro-batches, resumed from the one-process run."""
     tmp = tmp_path_factory.mktemp("dist")
     init = tmp / "init.pt"
@@ -108,6 +111,7 @@ def runs(tmp_path_factory, faces, val_faces):
     atomic_torch_save({"format": "broadface", "version": 1, "backbone": net().state_dict(),
                        "head": {"margin.weight": w0}}, init)
     one, _ = run(faces, tmp / "one", 1, f"train.init={init}")
+    lfw_pairs_bin(lfw_root, tmp / "v.bin", pairs=20)
     spawn(_worker, 2, tmp, faces, val_faces, init, timeout=240)
     return tmp, one, torch.load(tmp / "records.pt")
 
@@ -146,8 +150,13 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, faces, source):
 
 
 def test_partial_fc_sampling_and_evaluation_on_rank0(runs):
-    _, _, two = runs
+    tmp, _, two = runs
     assert len(two["sampled_evals"]) == 1 and 0 <= two["sampled_evals"][0]["val_recall@1"] <= 1
+    assert 0 <= two["sampled_evals"][0]["v_accuracy"] <= 1  # train.val_bins, evaluated on rank 0 only:
+    ranks = [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["val_bins_evaluated"] for r in ranks] == [1, 0]
+    assert ranks[0]["eval_keys"] == ranks[1]["eval_keys"] == ["step", "v_accuracy", "v_accuracy_std", "val_recall@1",
+                                                             "val_recall@2", "val_recall@4", "val_recall@8"]
     assert [s for s, *_ in two["sampled"]] == [1, 2] and all(torch.isfinite(torch.tensor(r[1:])).all()
                                                                for r in two["sampled"])
 

@@ -50,4 +50,4 @@ def test_interval_meter_averages_losses():
     m.add({"batch_loss": 1.0, "union_loss": 3.0, "lr": 0.1}, samples=8, seconds=0.5)
     m.add({"batch_loss": 2.0, "union_loss": 5.0, "lr": 0.2}, samples=8, seconds=0.5)
     out = m.flush()
-    assert out == {"batch_loss": 1.5, "union_loss": 4.0, "lr": 0.2, "samples_per_s": 16.0}
+    assert out == {"batch_loss": 1.5, "union_loss": 4.0, "lr": 0.2, "samples_per_s": 16.0, "interval_steps": 2}

@@ -344,7 +344,8 @@ def test_resume_errors_and_auto_without_checkpoint(tmp_path, faces, make_config)
     fresh.fit()
     ckpt = tmp_path / "checkpoints" / "step_0000002.pt"
     with pytest.raises(ValueError, match=r"step_0000002.pt: checkpoint does not match this config"):
-        Trainer(make_config(None, f"train.resume={ckpt}", "head.queue_size=32"), train_set=faces, progress=False)
+        Trainer(make_config(None, f"train.resume={ckpt}", "head.queue_size=32", "train.steps=2"), train_set=faces,
+                progress=False)
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
         Trainer(make_config(None, f"train.resume={tmp_path / 'nope.pt'}"), train_set=faces, progress=False)
     with pytest.raises(ValueError, match="train.init"):
@@ -353,7 +354,7 @@ def test_resume_errors_and_auto_without_checkpoint(tmp_path, faces, make_config)
 
 def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path, faces, make_config):
     train(make_config(tmp_path, "train.steps=2"), train_set=faces, progress=False)
-    with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=auto"):
+    with pytest.raises(ValueError, match=r"holds the results of another run \(checkpoints, final.pt.*train.resume=auto"):
         Trainer(make_config(tmp_path, "train.steps=4"), train_set=faces, progress=False)
 
 

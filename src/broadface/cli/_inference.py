@@ -68,7 +68,8 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace) -> "LoadedModel":
-    """The model named on the command line, with its preprocessing, on ``args.device``."""
+    """The model named on the command line, with its preprocessing, on ``args.device``; non-finite weights
+    are refused, and a non-finite embedding stops the command (:func:`refuse_non_finite`)."""
     import torch
 
     from broadface.models.loader import load_model as load
@@ -79,8 +80,35 @@ def load_model(args: argparse.Namespace) -> "LoadedModel":
         device = torch.device(args.device)
     except RuntimeError as err:
         raise ValueError(f"--device {args.device!r}: {err}") from None
-    return load(args.model, args.format, input_size=args.input_size, mean=args.mean, std=args.std, bgr=args.bgr,
-                device=device)
+    model = load(args.model, args.format, input_size=args.input_size, mean=args.mean, std=args.std, bgr=args.bgr,
+                 device=device)
+    weights = model.net.state_dict()
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"model {args.model}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); "
+                         "the model is broken (a diverged or corrupted training run?)")
+    model.register_forward_hook(refuse_non_finite)
+    return model
+
+
+def refuse_non_finite(model: "LoadedModel", inputs: tuple, output: "torch.Tensor") -> None:
+    """Forward hook: a NaN or inf embedding is an error, never a result (an ONNX model has no weights to check)."""
+    import torch
+
+    if isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+        rows = int((~torch.isfinite(output)).any(dim=-1).sum()) if output.ndim == 2 else "some"
+        raise ValueError(f"model {model.source}: non-finite embeddings (NaN or inf) for {rows} of "
+                         f"{output.shape[0]} images of a batch; the model or its input is broken")
+
+
+def check_images(paths: Sequence[Path | str], what: str = "image") -> None:
+    """FileNotFoundError / IsADirectoryError naming the first path that is not an image file."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            raise IsADirectoryError(f"{what} {p} is a directory, expected an image file")
+        if not p.is_file():
+            raise FileNotFoundError(f"{what} {p} does not exist")
 
 
 class _PathDataset:
@@ -127,9 +155,7 @@ def embed_paths(model: "LoadedModel", paths: Sequence[Path], args: argparse.Name
     """
     from broadface.models.embed import embed_dataset
 
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"image {p} does not exist")
+    check_images(paths)
     data = _PathDataset(paths, model.preprocessing, detector)
     emb = embed_dataset(model, data, batch_size=args.batch_size, flip=args.flip, num_workers=workers)
     if data.fallbacks:  # only visible with workers=0 (each worker has its own copy)

@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
     src, dst = Path(args.input), Path(args.output)
     jobs = _jobs(src, dst)
+    from broadface.fileio import check_output
+
+    check_output(dst, "OUT", folder=len(jobs) > 1 or src.is_dir() or dst.suffix.lower() not in IMG_EXTENSIONS,
+                 inputs=(src,))
+    if args.landmarks:
+        check_output(args.landmarks, "--landmarks", inputs=(src,))
     try:
         detector = FaceDetector()
     except DetectorUnavailable as err:

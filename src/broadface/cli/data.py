@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_pack(args: argparse.Namespace) -> int:
     from broadface.data.recordio import pack_folder
+    from broadface.fileio import check_output
+
+    check_output(args.out, "OUT", folder=True)  # before every image is read and checked
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty() and (i % 500 == 0 or i == n):

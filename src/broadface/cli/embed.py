@@ -32,11 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from broadface.cli._inference import embed_paths, load_model, make_detector
     from broadface.data.folder import find_images
     from broadface.data.images import IMG_EXTENSIONS
-    from broadface.fileio import atomic_write_bytes
+    from broadface.fileio import atomic_write_bytes, check_output
 
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out {out}: expected a .npy file name")
+    check_output(out, "--out", inputs=(args.model,))
+    check_output(out.with_suffix(".csv"), "--out (its .csv index)", inputs=(args.model,))
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     root = Path(args.folder)

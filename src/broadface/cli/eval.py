@@ -191,6 +191,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--batch-size and --folds must be >= 1, --workers >= 0")
     if args.mask_one and not (args.lfw or args.pairs or args.bin):
         raise CLIError("--mask-one applies to pair benchmarks (--lfw, --pairs, --bin)")
+    from broadface.fileio import check_output
+
+    for flag, path, folder in (("--json", args.json, False), ("--csv", args.csv, False),
+                               ("--scores", args.scores, True), ("--plots", args.plots, True)):
+        if path:  # before the evaluation runs, so that its results are never lost to a bad path
+            check_output(path, flag, folder=folder, inputs=(args.model, *args.bin))
 
 
 def _write_scores(results: dict[str, dict[str, Any]], folder: Path) -> None:

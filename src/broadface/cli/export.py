@@ -43,8 +43,11 @@ def run_onnx(args: argparse.Namespace) -> int:
     from broadface.models import count_parameters
     from broadface.models.loader import input_size_of, load_model
 
+    from broadface.fileio import check_output
+
     if args.parity_n < 0:
         raise ValueError(f"--parity-n must be >= 0, got {args.parity_n}")
+    check_output(args.output, "output", inputs=(args.checkpoint,))
     loaded = load_model(args.checkpoint, input_size=args.input_size)  # insightface weights: the size they take
     if loaded.kind == "onnx":
         raise ValueError(f"{args.checkpoint} is already an ONNX model")
@@ -63,11 +66,12 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def run_from_insightface(args: argparse.Namespace) -> int:
-    from broadface.fileio import atomic_torch_save
+    from broadface.fileio import atomic_torch_save, check_output
     from broadface.models import count_parameters
     from broadface.models.insightface import load_insightface
     from broadface.models.checkpoint import FORMAT, VERSION
 
+    check_output(args.output, "output", inputs=(args.weights,))
     model = load_insightface(args.weights, input_size=args.input_size)
     atomic_torch_save({"format": FORMAT, "version": VERSION, "model": model.config, "backbone": model.state_dict()},
                 args.output)

@@ -86,17 +86,18 @@ def _load_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, n
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from broadface.cli._inference import embed_paths, load_model, make_detector
-    from broadface.fileio import atomic_write_bytes
+    from broadface.cli._inference import check_images, embed_paths, load_model, make_detector
+    from broadface.fileio import atomic_write_bytes, check_output
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     probe = Path(args.probe)
-    if not probe.is_file():
-        raise FileNotFoundError(f"probe image {probe} does not exist")
+    check_images([probe], "probe image")
     cache = Path(args.gallery_cache) if args.gallery_cache else None
     if cache is not None and cache.suffix != ".npz":
         raise ValueError(f"--gallery-cache {cache}: expected a .npz file name")
+    if cache is not None:
+        check_output(cache, "--gallery-cache", inputs=(args.model, probe))
     items = _gallery_files(Path(args.gallery))
     model = load_model(args)
     detector = make_detector(args.align)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"probe": str(probe), "model": model.describe(), "ranking": [
             {"rank": r + 1, "identity": str(names[i]), "score": round(float(scores[i]), 6), "images": int(counts[i])}
-            for r, i in enumerate(order)]}))
+            for r, i in enumerate(order)]}, allow_nan=False))
         return 0
     width = max(8, *(len(str(names[i])) for i in order))
     print(f"model: {model.summary()}")

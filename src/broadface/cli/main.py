@@ -5,6 +5,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
 import broadface.cli as _cli_pkg
 
@@ -30,17 +31,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that KEY=VALUE overrides may also follow an option placed after CONFIG
+    (``broadface train CONFIG --no-progress optim.lr=0.1``), which argparse alone rejects."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error as one line: an OSError as 'path: reason', a DataLoader worker's
+    re-raised exception as its last line (not the worker's 27-line traceback)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch.utils.data's ExceptionWrapper
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(("Error", "Exception")) \
+            else last
+    return text
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one plain line (``broadface: warning: ...``), not Python's file:line form."""
+    print(f"broadface: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return int(args.func(args) or 0)
+    except (CLIError, ValueError, OSError) as err:
         # Errors we raise on bad input carry a message naming the file/field; show it plainly.
-        print(f"broadface {args.command}: error: {err}", file=sys.stderr)
+        print(f"broadface {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

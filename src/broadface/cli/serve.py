@@ -58,8 +58,10 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def config_from_args(args: argparse.Namespace):
     """The :class:`ServeConfig` the command line asks for (threshold resolved, key read)."""
     from broadface.cli._inference import resolve_threshold
+    from broadface.fileio import check_output
     from broadface.serve.config import ServeConfig
 
+    check_output(args.gallery, "--gallery", inputs=(args.model,))  # an SQLite file, created if absent
     threshold, source = resolve_threshold(args)
     if args.max_image_mb <= 0:
         raise ValueError(f"--max-image-mb must be positive, got {args.max_image_mb}")

@@ -31,20 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broadface.cli._inference import embed_paths, load_model, make_detector, resolve_threshold
+    from broadface.cli._inference import check_images, embed_paths, load_model, make_detector, resolve_threshold
 
     threshold, source = resolve_threshold(args)
     paths = [Path(args.image_a), Path(args.image_b)]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"image {p} does not exist")
+    check_images(paths)
     model = load_model(args)
     emb = embed_paths(model, paths, args, make_detector(args.align))
     score = float(emb[0] @ emb[1])
     same = score >= threshold
     if args.json:
         print(json.dumps({"image_a": str(paths[0]), "image_b": str(paths[1]), "score": round(score, 6),
-                          "threshold": threshold, "same": same, "model": model.describe()}))
+                          "threshold": threshold, "same": same, "model": model.describe()}, allow_nan=False))
     else:
         print(f"model              {model.summary()}")
         print(f"cosine similarity  {score:.4f}")

@@ -14,6 +14,7 @@ atomic (:func:`broadface.fileio.atomic_torch_save`). The training state is the t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -68,8 +69,20 @@ def backbone_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> torch.nn.Mo
         model.load_state_dict(ckpt["backbone"])
     except (TypeError, RuntimeError) as err:
         raise ValueError(f"{path}: the backbone does not fit its model config {ckpt['model']} "
-                         f"({str(err).splitlines()[0]})") from None
+                         f"({state_dict_error(err)})") from None
     return model.eval()
+
+
+def state_dict_error(err: BaseException, limit: int = 2) -> str:
+    """The informative part of a ``load_state_dict`` error (torch's first line only names the class),
+    e.g. ``conv1.weight: [8, 3, 3, 3] in the checkpoint, [16, 3, 3, 3] in the model``."""
+    lines = [x.strip() for x in str(err).strip().splitlines() if x.strip()]
+    detail = [x for x in lines if not x.startswith("Error(s) in loading state_dict")] or lines
+    detail = [re.sub(r"size mismatch for (\S+): copying a param with shape torch\.Size\((.*?)\) from checkpoint, "
+                     r"the shape in current model is torch\.Size\((.*?)\)\.?", r"\1: \2 in the checkpoint, \3 in "
+                     "the model", x) for x in detail]
+    more = f"; and {len(detail) - limit} more" if len(detail) > limit else ""
+    return "; ".join(detail[:limit]) + more
 
 
 def model_config(model: torch.nn.Module) -> dict | None:

@@ -28,9 +28,12 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def iresnet_config_from_state_dict(state_dict: dict[str, torch.Tensor], input_size: int = 112) -> dict:
     """``build_model`` kwargs (name, layers, widths, sizes) that fit an insightface iResNet state dict."""
-    if not isinstance(state_dict, dict) or "fc.weight" not in state_dict or "conv1.weight" not in state_dict:
-        keys = sorted(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise ValueError(f"not an insightface iResNet state dict (no conv1.weight / fc.weight; keys: {keys})")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"not an insightface iResNet state dict: the file holds a {type(state_dict).__name__}, "
+                         "not a dict of tensors (conv1.weight, fc.weight, ...)")
+    if "fc.weight" not in state_dict or "conv1.weight" not in state_dict:
+        raise ValueError(f"not an insightface iResNet state dict (no conv1.weight / fc.weight; keys: "
+                         f"{sorted(state_dict)[:5]})")
     counts = [0, 0, 0, 0]
     for key in state_dict:
         m = _BLOCK_KEY.match(key)
@@ -40,6 +43,11 @@ def iresnet_config_from_state_dict(state_dict: dict[str, torch.Tensor], input_si
     if min(counts) == 0:
         raise ValueError(f"insightface state dict lacks blocks in some stage (blocks per stage: {counts})")
     base_width = int(state_dict["conv1.weight"].shape[0])
+    stem = state_dict.get("bn1.weight", state_dict.get("layer1.0.bn1.weight"))
+    if state_dict["conv1.weight"].ndim != 4 or (stem is not None and int(stem.shape[0]) != base_width):
+        raise ValueError(f"conv1.weight has shape {list(state_dict['conv1.weight'].shape)}, which does not fit the "
+                         f"network after it (bn1 / layer1 take {None if stem is None else int(stem.shape[0])} "
+                         "channels): expected [channels, 3, 3, 3]")
     embedding_size, fc_in = (int(n) for n in state_dict["fc.weight"].shape)
     side = math.isqrt(fc_in // (8 * base_width))
     if side * side * 8 * base_width != fc_in or feature_map_size(input_size, 4) != side:

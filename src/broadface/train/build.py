@@ -20,6 +20,7 @@ from broadface.dist import DistContext
 from broadface.heads import ArcFace, BroadFace, CombinedMargin, CosFace, MarginHead, NormSoftmax
 from broadface.train.config import Config, DataConfig, HeadConfig
 from broadface.train.distill import Distiller, build_distiller
+from broadface.train.guard import data_fingerprint
 from broadface.train.memory import zero_redundancy
 from broadface.train.optim import build_optimizer
 from broadface.train.rng import capture_rng, forked_rngs, seed_everything
@@ -41,6 +42,8 @@ class Components:
     scheduler: WarmupScheduler
     scaler: torch.amp.GradScaler
     start_rng: dict[str, Any]  # the global RNG states a fresh run starts from
+    fingerprint: dict[str, Any] | None = None  # the labelled training set's class list (the resume guard)
+    labelled_set: Dataset | None = None  # the labelled training set (before distillation wraps it)
 
 
 def margin_factory(cfg: HeadConfig) -> Callable[[int, int], MarginHead]:
@@ -95,8 +98,13 @@ def build_datasets(cfg: DataConfig, input_size: int) -> tuple[Dataset, Dataset |
         return train, val
     from broadface.data import open_dataset
 
-    kw = dict(data_root=cfg.root, on_error=cfg.on_error, rotations=cfg.rotations)
-    train = open_dataset(cfg.name, cfg.train_split, transform=train_tf, **kw)
+    kw = dict(data_root=cfg.root, on_error=cfg.on_error, rotations=cfg.rotations, test_fold=cfg.test_fold)
+    try:
+        train = open_dataset(cfg.name, cfg.train_split, transform=train_tf, **kw)
+    except ValueError as err:
+        if "test_fold" in str(err):
+            raise ValueError(f"config data.test_fold={cfg.test_fold}: {err}") from None
+        raise
     val = open_dataset(cfg.name, cfg.val_split, transform=eval_tf, **kw) if cfg.val_split else None
     return train, val
 
@@ -131,6 +139,7 @@ def build(cfg: Config, ctx: DistContext, train_set: Dataset | None = None, val_s
         val_set = configured_val if val_set is None else val_set
     num_classes = num_classes or num_classes_of(train_set)
     check_mask_prob(cfg, train_set, injected)
+    labelled, fingerprint = train_set, data_fingerprint(train_set)
     m = cfg.model
     with forked_rngs():  # initial weights from train.seed; the caller's RNG state is untouched
         seed_everything(cfg.train.seed)
@@ -149,4 +158,4 @@ def build(cfg: Config, ctx: DistContext, train_set: Dataset | None = None, val_s
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
     return Components(model, ctx.wrap(model), head, distill, train_set, val_set, num_classes, optimizer, scheduler,
-                      scaler, start_rng)
+                      scaler, start_rng, fingerprint=fingerprint, labelled_set=labelled)

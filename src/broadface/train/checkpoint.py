@@ -10,7 +10,10 @@ number of ranks that wrote it (the file format and safe loading are :mod:`broadf
 - ``optimizer``: the one-process optimizer state_dict; the classifier's per-class buffers (momentum,
   AdamW moments) as whole (C, ...) tensors, ZeRO's partitions consolidated;
 - ``scheduler``, ``scaler``, ``rng`` (python, numpy, torch, CUDA), ``data`` (``{epoch, batch}`` of the
-  next batch), ``step``, ``config``, ``world_size``, ``global_batch``, ``distill`` (the projection).
+  next batch), ``step``, ``config``, ``world_size``, ``global_batch``, ``distill`` (the projection),
+  ``data_fingerprint`` (class count, image count, sha256 of the class list: :mod:`broadface.train.guard`).
+
+Resuming refuses a checkpoint written under other settings (:func:`broadface.train.guard.check_resume`).
 
 So a run resumes on any number of ranks with the same global batch, and ``train.init``,
 ``load_backbone`` and export read any checkpoint unchanged. Saving is a collective (every rank
@@ -27,8 +30,10 @@ import torch
 
 from broadface.dist import DistContext
 from broadface.fileio import atomic_torch_save
-from broadface.models.checkpoint import FORMAT, VERSION, check_model_config, load_checkpoint, model_config
+from broadface.models.checkpoint import (FORMAT, VERSION, check_model_config, load_checkpoint, model_config,
+                                         state_dict_error)
 from broadface.train.config import Config
+from broadface.train.guard import check_resume
 from broadface.train.memory import SplitOptimizer
 from broadface.train.rng import capture_rng
 
@@ -42,6 +47,7 @@ class CheckpointManager:
         self.cfg, self.ctx = cfg, ctx
         self.output = Path(cfg.train.output) if cfg.train.output and ctx.is_main else None
         self.last: Path | None = None  # the last checkpoint written or resumed from
+        self.changes: list[str] = []  # the allowed config changes of the resume (train.resume_allow)
 
     @property
     def global_batch(self) -> int:
@@ -58,13 +64,6 @@ class CheckpointManager:
         found = sorted((Path(out) / "checkpoints").glob("step_*.pt")) if out and self.ctx.is_main else []
         return self.ctx.broadcast(found[-1] if found else None)
 
-    def refuse_overwrite(self) -> None:
-        """A fresh run never writes into an output that holds another run's checkpoints."""
-        stale = sorted(self.output.glob("checkpoints/step_*.pt")) if self.output is not None else []
-        if stale and self.cfg.train.resume != "auto":
-            raise ValueError(f"train.output={self.output} already holds checkpoints ({stale[-1].name}); "
-                             "continue with train.resume=auto or choose another train.output")
-
     # ------------------------------------------------------------------ saving
     def state(self, parts: Any, position: dict[str, int], step: int) -> dict[str, Any]:
         """The checkpoint dict (a collective when distributed; complete on rank 0 only)."""
@@ -74,7 +73,7 @@ class CheckpointManager:
                 "world_size": self.ctx.world_size, "global_batch": self.global_batch,
                 "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "rng": capture_rng(), "data": dict(position), "step": step, "config": self.cfg.to_dict(),
-                **({"distill": parts.distill.state_dict()} if parts.distill is not None else {})}
+                "data_fingerprint": parts.fingerprint, **({"distill": parts.distill.state_dict()} if parts.distill is not None else {})}
 
     def save(self, parts: Any, position: dict[str, int], step: int, final: bool = False) -> Path | None:
         """Write ``checkpoints/step_N.pt`` (and ``final.pt``); a collective when distributed."""
@@ -104,6 +103,7 @@ class CheckpointManager:
         if missing:
             raise ValueError(f"{path}: not a resumable training checkpoint (missing {missing}); "
                              "use train.init= to warm-start from it instead")
+        self.changes = check_resume(ckpt, self.cfg.to_dict(), parts.fingerprint, self.cfg.train.resume_allow, path)
         check_model_config(ckpt, parts.model, path)
         self._check_shape(ckpt, path)
         try:
@@ -111,10 +111,14 @@ class CheckpointManager:
             parts.head.load_checkpoint_state(ckpt["head"])
             if parts.distill is not None:  # the projection (empty when dimensions match)
                 parts.distill.load_state_dict(ckpt.get("distill", {}))
-            load_optimizer_state(parts.optimizer, parts.head, ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"{path}: checkpoint does not match this config "
-                             f"({str(err).strip().splitlines()[0]})") from None
+            raise ValueError(f"{path}: checkpoint does not match this config ({state_dict_error(err)})") from None
+        try:
+            load_optimizer_state(parts.optimizer, parts.head, ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, IndexError) as err:
+            raise ValueError(f"{path}: the optimizer state does not fit this run's optimizer "
+                             f"(optim.name={self.cfg.optim.name}; {type(err).__name__}: {state_dict_error(err)})"
+                             ) from None
         parts.scheduler.load_state_dict(ckpt["scheduler"])
         if parts.scaler.is_enabled() and ckpt.get("scaler"):
             parts.scaler.load_state_dict(ckpt["scaler"])
@@ -145,7 +149,7 @@ class CheckpointManager:
         try:
             parts.model.load_state_dict(ckpt["backbone"])
         except RuntimeError as err:
-            raise ValueError(f"{path}: backbone does not fit this model ({str(err).strip().splitlines()[0]})") from None
+            raise ValueError(f"{path}: backbone does not fit this model ({state_dict_error(err)})") from None
         if not init_head:
             return
         weight = (ckpt.get("head") or {}).get("margin.weight")

@@ -48,6 +48,7 @@ class DataConfig:
     mask_prob: float = 0.0  # synthetic face mask on this fraction of training images (BigFace: 0.35)
     num_workers: int = 0
     on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable image is replaced by the next readable one
+    test_fold: int | None = None  # lfw only: the View-2 fold whose people are held out (train on the others)
 
 
 @dataclass
@@ -122,6 +123,9 @@ class TrainConfig:
     init: str | None = None  # warm start: backbone + classifier from this checkpoint
     init_head: bool = True  # also copy the classifier W from train.init (same classes, same order)
     resume: str | None = None  # continue exactly from this checkpoint ("auto": latest in output)
+    resume_allow: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's, e.g. steps
+    overwrite: bool = False  # a fresh run replaces the results of an earlier run in output (else refused)
+    val_bins: list[str] = field(default_factory=list)  # verification sets (.bin, lfw, LFW folder) every eval_every
     tensorboard: bool = True
 
 
@@ -195,6 +199,15 @@ class Config:
         _check(0 <= s.warmup_start <= 1, "schedule.warmup_start", s.warmup_start, "a factor in [0, 1]")
         _check(t.init is None or t.resume is None, "train.init", t.init,
                "null when train.resume is set (a resumed run already holds its weights)")
+        _check(not t.overwrite or t.resume is None, "train.overwrite", t.overwrite,
+               "false when train.resume is set (a resumed run continues its results, it does not replace them)")
+        _check(h.loss not in ("arcface", "cosface") or h.margin >= 0, "head.margin", h.margin,
+               f"a margin >= 0 for head.loss={h.loss}")
+        _check(self.data.test_fold is None or (self.data.name == "lfw" and self.data.test_fold >= 0),
+               "data.test_fold", self.data.test_fold, "null, or a View-2 fold 0..9 with data.name=lfw")
+        from broadface.train.guard import check_allow_list
+
+        check_allow_list(t.resume_allow)
         _check(t.amp != "fp16" or device in (None, "cuda"), "train.amp", t.amp,
                "bf16 or none on CPU (fp16 autocast and its GradScaler need a CUDA device)")
         _check(not o.zero or world_size is None or world_size > 1, "optim.zero", o.zero, "false in one process "
@@ -222,14 +235,41 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise FileNotFoundError(f"config file {path} does not exist")
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                             "save the config as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML ({err})") from None
+            raise ValueError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections (model, data, head, ...), "
                              f"got {type(data).__name__}")
     cfg = from_dict(Config, data, source)
     return apply_overrides(cfg, overrides)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong and where."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(err).split())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]}): merge the two into one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -240,12 +280,13 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) ->
         if not sep or not key.strip():
             raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
         parts = key.strip().split(".")
-        node = data
+        node, free = data, False  # free: inside a mapping-valued key (model.kwargs), where any key is valid
         for depth, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
+            if not isinstance(node, dict) or (part not in node and not free):
                 raise ValueError(f"override {item!r}: unknown config key '{'.'.join(parts[:depth + 1])}'")
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
+            free = free or _is_mapping_field(parts[:depth + 1])
+            node = node.setdefault(part, {}) if free else node[part]
+        if not isinstance(node, dict) or (parts[-1] not in node and not free):
             valid = ", ".join(node) if isinstance(node, dict) else ""
             raise ValueError(f"override {item!r}: unknown config key '{key.strip()}' (valid here: {valid})")
         try:
@@ -254,6 +295,19 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) ->
             node[parts[-1]] = raw
         cfg = from_dict(Config, data, f"override {item!r}")  # type-check this override now
     return cfg
+
+
+def _is_mapping_field(parts: list[str]) -> bool:
+    """True when ``a.b`` names a free-form mapping field of :class:`Config` (``model.kwargs``)."""
+    tp: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return False
+        tp = hints[part]
+    return typing.get_origin(tp) is dict
 
 
 def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:

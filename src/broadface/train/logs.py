@@ -3,19 +3,23 @@
 Two kinds of record, both plain dicts with a ``step``:
 
 - train records (every ``log_every`` steps): step, epoch, lr, batch_loss,
-  union_loss, queue_fill, compensation_norm, grad_norm, samples_per_s, elapsed_s;
-- eval records: step and ``val_recall@K`` metrics.
+  union_loss, queue_fill, compensation_norm, grad_norm, samples_per_s, elapsed_s and
+  interval_steps (the steps the means cover: fewer than ``log_every`` in the first
+  interval after a resume and in the last one);
+- eval records: step, ``val_recall@K`` and ``<set>_accuracy`` metrics.
 
 They go to ``train.csv`` / ``eval.csv`` and TensorBoard under the output
 directory (when one is given), to ``history`` / ``evals`` and to each callback as
-``callback(kind, record)``. On resume, CSV rows past the resumed step (written
-by the interrupted run after its last checkpoint) are dropped.
+``callback(kind, record)``. The CSV files are only appended to; on resume the rows
+past the resumed step (written by the interrupted run after its last checkpoint)
+are cut off by one truncate (see :class:`CsvLog`).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +31,7 @@ from broadface.fileio import atomic_write_text
 Callback = Callable[[str, dict[str, Any]], None]
 
 TRAIN_FIELDS = ["step", "epoch", "lr", "batch_loss", "union_loss", "queue_fill", "compensation_norm",
-                "grad_norm", "samples_per_s", "elapsed_s"]
+                "grad_norm", "samples_per_s", "elapsed_s", "interval_steps"]
 
 
 def _csv_value(v: Any) -> Any:
@@ -35,31 +39,49 @@ def _csv_value(v: Any) -> Any:
 
 
 class CsvLog:
-    """Append-only CSV with a fixed header; rows with step > ``keep_until`` are dropped on open."""
+    """Append-only CSV with a fixed header, each row flushed as it is written.
+
+    On resume the rows past ``keep_until`` (logged by an interrupted run after its last checkpoint,
+    or cut short by a kill) are cut off with one ``truncate``; the rows before them are never
+    rewritten, so no kill can lose them. ``kept`` holds those rows (dicts of strings)."""
 
     def __init__(self, path: Path, fields: list[str] | None, keep_until: int):
         self.path, self.fields = path, fields
-        kept: list[dict[str, str]] = []
-        if path.exists() and keep_until > 0:
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = self.fields or reader.fieldnames
-                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= keep_until]
+        self.kept: list[dict[str, str]] = []
         self._file = None
-        if self.fields:
-            self._open(kept)
+        if path.exists() and path.stat().st_size:
+            self._continue(keep_until)
+        elif self.fields:
+            self._open(write_header=True)
 
-    def _open(self, kept: list[dict[str, str]]) -> None:
-        self._file = self.path.open("w", newline="")
+    def _continue(self, keep_until: int) -> None:
+        with self.path.open("rb") as f:
+            header = f.readline()
+            offset, fields = f.tell(), next(csv.reader([header.decode("utf-8", "replace")]), [])
+            for line in iter(f.readline, b""):
+                row = dict(zip(fields, next(csv.reader([line.decode("utf-8", "replace")]), [])))
+                step = row.get("step", "")
+                if not line.endswith(b"\n") or not step.isdigit() or int(step) > keep_until:
+                    break
+                self.kept.append(row)
+                offset = f.tell()
+        if not header.endswith(b"\n") or "step" not in fields:  # not a log of ours, or cut in its header
+            raise ValueError(f"{self.path}: not a broadface log (header {header[:80]!r}); move it away")
+        os.truncate(self.path, offset)
+        self.fields = fields
+        self._open(write_header=False)
+
+    def _open(self, write_header: bool) -> None:
+        self._file = self.path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.fields, extrasaction="ignore")
-        self._writer.writeheader()
-        self._writer.writerows(kept)
-        self._file.flush()
+        if write_header:
+            self._writer.writeheader()
+            self._file.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:  # header taken from the first record
             self.fields = list(record)
-            self._open([])
+            self._open(write_header=True)
         self._writer.writerow({k: _csv_value(record.get(k)) for k in self.fields})
         self._file.flush()
 
@@ -86,6 +108,7 @@ class TrainLogger:
             self._csv["eval"] = CsvLog(output / "eval.csv", eval_fields, start_step)
             if tensorboard:
                 self._tb = _summary_writer(output / "tensorboard", start_step)
+        self.kept_evals = self._csv["eval"].kept if "eval" in self._csv else []
         self.progress = progress
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
                         dynamic_ncols=True, leave=True)
@@ -116,7 +139,12 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.close()
         if summary is not None and self.output is not None:
-            atomic_write_text(self.output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            write_summary(self.output, summary)
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> Path:
+    """``output/summary.json``, atomically."""
+    return atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -169,7 +197,7 @@ class IntervalMeter:
 
     def flush(self) -> dict[str, Any]:
         out = {**self.last, **{k: v / self.n for k, v in self.sums.items()},
-               "samples_per_s": self.samples / self.seconds if self.seconds > 0 else 0.0}
+               "samples_per_s": self.samples / self.seconds if self.seconds > 0 else 0.0, "interval_steps": self.n}
         keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
         if keys:
             values = torch.stack([out[k].detach().double().reshape(()) for k in keys]).tolist()  # the one sync

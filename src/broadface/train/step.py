@@ -69,6 +69,7 @@ class StepStats:
         meter.add(self.record(), 0, 0.0)
         out = meter.flush()
         out.pop("samples_per_s")
+        out.pop("interval_steps")
         return out
 
 
