@@ -14,7 +14,7 @@ from tests.helpers import save_backbone
 
 OMNIGLOT = str(Path(__file__).resolve().parents[2] / "configs" / "omniglot_tinycnn.yaml")
 SMALL = ["data.name=omniglot_small", "train.steps=2", "train.batch_size=8", "model.embedding_size=16",
-         "model.kwargs={width: 8}", "data.val_split=null", "train.tensorboard=false"]
+         "model.kwargs={width: 8}", "head.queue_size=16", "data.val_split=null", "train.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
