@@ -51,13 +51,39 @@ class DataConfig:
 
 
 @dataclass
+class AdaFaceConfig:
+    """AdaFace's norm-adaptive margin (paper defaults)."""
+
+    m: float = 0.4
+    h: float = 0.333  # concentration of the norm scaler
+    t_alpha: float = 0.01  # momentum of the norm mean / std EMAs
+
+
+@dataclass
+class MagFaceConfig:
+    """MagFace's magnitude range, margin range and regulariser weight (paper defaults)."""
+
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_margin: float = 0.45
+    u_margin: float = 0.8
+    lambda_g: float = 35.0
+
+
+@dataclass
 class HeadConfig:
     """Margin loss and the BroadFace queue (queue_size=0 is the plain margin loss)."""
 
-    loss: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
+    loss: Literal["arcface", "cosface", "combined", "softmax", "adaface", "magface", "curricularface",
+                  "subcenter"] = "arcface"
     scale: float = 64.0  # s
-    margin: float = 0.5  # m (arcface: additive angle, cosface: additive cosine)
+    margin: float = 0.5  # m (arcface, curricularface, subcenter: additive angle; cosface: additive cosine)
     margins: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.2])  # combined: cos(m1*theta + m2) - m3
+    adaface: AdaFaceConfig = field(default_factory=AdaFaceConfig)
+    magface: MagFaceConfig = field(default_factory=MagFaceConfig)
+    curricular_alpha: float = 0.01  # curricularface: momentum of t's EMA
+    subcenters: int = 3  # subcenter: K sub-centres per class
+    union_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the union's matmuls (fp32 sums)
     queue_size: int = 0  # embeddings kept from past steps (paper: 8192 per GPU)
     compensate: bool = True  # e* = e- + (|e-| / |W-_y|) (W_y - W-_y)
     chunk_size: int = 4096  # rows of the union whose (rows x classes) logits are alive at once (memory)
@@ -184,6 +210,13 @@ class Config:
                "is set (they need distill.teacher)")
         _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
         _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
+        _check(h.subcenters >= 1, "head.subcenters", h.subcenters, ">= 1")
+        _check(0 < h.curricular_alpha <= 1, "head.curricular_alpha", h.curricular_alpha, "a momentum in (0, 1]")
+        _check(0 < h.adaface.t_alpha <= 1, "head.adaface.t_alpha", h.adaface.t_alpha, "a momentum in (0, 1]")
+        _check(0 < h.magface.l_a < h.magface.u_a, "head.magface.l_a", h.magface.l_a,
+               f"0 < l_a < head.magface.u_a={h.magface.u_a}")
+        _check(0 <= h.magface.l_margin <= h.magface.u_margin < 1.5707963, "head.magface.l_margin",
+               h.magface.l_margin, f"0 <= l_margin <= head.magface.u_margin={h.magface.u_margin} < π/2")
         _check(0 < h.sample_rate <= 1, "head.sample_rate", h.sample_rate, "a fraction in (0, 1]")
         _check(not h.diagnostics or h.storage == "full", "head.storage", h.storage,
                "full when head.diagnostics=true (the diagnostics need e- and W-_y)")
