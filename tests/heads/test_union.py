@@ -100,3 +100,15 @@ def test_bad_union_dtype_raises():
     with pytest.raises(ValueError, match="union dtype"):
         chunked_margin_ce(torch.randn(5, 4), torch.randn(3, 4), torch.zeros(3, dtype=torch.long),
                           ArcFace(5, 4).target, S, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("shape,scale", [((7, 13), 1.0), ((300, 2000), 64.0), ((3, 50000), 30.0)])
+def test_log_sum_exp_in_a_scratch_buffer_is_torch_logsumexp_bit_for_bit(shape, scale):
+    """The fp32 union reuses one buffer for log-sum-exp's temporary; the default path must not move a bit."""
+    from broadface.heads.union import local_lse
+
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * scale
+    z[0, 0] = float("inf") if shape[0] > 1 else z[0, 0]
+    buf = torch.empty(shape[0] + 4, shape[1])
+    got, _ = local_lse(z, z[:, 0], buf[:shape[0]])
+    assert torch.equal(got, torch.logsumexp(z, dim=1))

@@ -67,10 +67,12 @@ def init_rows(weight: Tensor, start: int, seed: int, std: float = 0.01) -> None:
         weight[lo - start:hi - start] = rows[lo - block * _INIT_BLOCK:hi - block * _INIT_BLOCK].to(weight)
 
 
-def _global_lse(z: Tensor, target_logit: Tensor, group) -> tuple[Tensor, Tensor]:
-    """(log Σ_all exp z, target logit) per row, reduced over ranks; ``z`` (k, C_r) fp32."""
+def _global_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None, *, group) -> tuple[Tensor, Tensor]:
+    """(log Σ_all exp z, target logit) per row, reduced over ranks; ``z`` (k, C_r) fp32 (``scratch``: a buffer
+    of z's shape for the exponentials)."""
     m = all_reduce_(z.max(dim=1).values, "max", group)
-    sums = torch.stack([torch.exp(z - m[:, None]).sum(dim=1), target_logit])
+    e = torch.exp(z - m[:, None]) if scratch is None else torch.sub(z, m[:, None], out=scratch).exp_()
+    sums = torch.stack([e.sum(dim=1), target_logit])
     all_reduce_(sums, "sum", group)
     return sums[0].log() + m, sums[1]
 
@@ -84,7 +86,7 @@ class _ShardedCE(torch.autograd.Function):
         own = (target >= 0).unsqueeze(1)
         col = target.clamp_min(0).unsqueeze(1)
         tz = torch.where(own, z.gather(1, col), 0.0).squeeze(1)
-        lse, tz = _global_lse(z, tz, group)
+        lse, tz = _global_lse(z, tz, group=group)
         ctx.save_for_backward(z, lse, own, col)
         return (lse - tz).mean()
 

@@ -74,7 +74,8 @@ class QueueEntries:
 
 
 def subcenter_rows(rows: Tensor, subcenters: Tensor | None) -> Tensor:
-    """Each entry's row ``W_{y,k}`` of the sub-centre it keeps, from its class's rows (n, K, D); 2-D rows as they are."""
+    """Each entry's row ``W_{y,k}`` of the sub-centre it keeps, from its class's rows (n, K, D); 2-D rows
+    as they are."""
     if rows.dim() == 2:
         return rows
     return rows[torch.arange(rows.shape[0], device=rows.device), subcenters.to(rows.device)]

@@ -24,6 +24,7 @@ Options (none of them touches the float32 path above):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,12 +46,37 @@ def target_and_slope(target: Callable[..., Tensor], cos_t: Tensor, need_grad: bo
     return phi.detach(), slope
 
 
-LseFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+LseFn = Callable[..., "tuple[Tensor, Tensor]"]  # (z, target logit, scratch buffer or None)
 
 
-def local_lse(z: Tensor, target_logit: Tensor) -> tuple[Tensor, Tensor]:
-    """``(log Σ_j exp z_j, target logit)`` per row when this process holds every class."""
-    return torch.logsumexp(z, dim=1), target_logit
+def local_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(log Σ_j exp z_j, target logit)`` per row when this process holds every class.
+
+    With ``scratch`` (a buffer of z's shape) the steps of ``torch.logsumexp`` run in it instead of a
+    fresh (k, C) temporary: the same result bit for bit (tests/heads/test_union.py pins it)."""
+    if scratch is None:
+        return torch.logsumexp(z, dim=1), target_logit
+    m = z.amax(dim=1, keepdim=True)
+    m.masked_fill_(m.abs() == math.inf, 0)
+    total = torch.sub(z, m, out=scratch).exp_().sum(dim=1)
+    return total.log_().add_(m.squeeze(1)), target_logit
+
+
+class Scratch:
+    """(rows, cols) buffers reused by every chunk of one union: on the CPU a fresh tensor of that size costs
+    a pass of page faults (measured ~0.4 s per 0.5 GB under load), more than the element-wise work on it."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.rows, self.device, self.bufs = rows, device, {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The first ``rows`` rows of buffer ``name`` (None on CUDA, whose caching allocator makes this moot)."""
+        if self.device.type == "cuda":
+            return None
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = self.bufs[name] = torch.empty(self.rows, cols, dtype=dtype, device=self.device)
+        return buf[:rows]
 
 
 @dataclass(frozen=True)
@@ -111,14 +137,12 @@ class ChunkedMarginCE(torch.autograd.Function):
             w_mm = w if subs == 1 else w.reshape(-1, w.shape[-1])         # (C·K, D), class-major
             w_lp = w_mm.to(opts.dtype) if opts.low_precision else w_mm
             total = torch.zeros((), dtype=torch.float64, device=w.device)
+            scratch = Scratch(min(chunk_size, n), w.device)
             for start in range(0, n, chunk_size):
                 f = feats_n[start:start + chunk_size].float()
                 t = target[start:start + chunk_size]
                 own, col = t >= 0, t.clamp_min(0).unsqueeze(1)
-                if opts.low_precision:
-                    z = _mm((f * scale).to(opts.dtype), w_lp.t())
-                else:
-                    z = torch.mm(f * scale, w.t() if subs == 1 else w_mm.t())  # s·cos, (k, C): the only big tensor
+                z = _logits(f, w_mm, w_lp, scale, opts, scratch)                  # s·cos, (k, C·K)
                 arg = None
                 if subs > 1:
                     z, arg = z.view(z.shape[0], -1, subs).max(dim=2)         # max-pooled over the sub-centres
@@ -134,7 +158,7 @@ class ChunkedMarginCE(torch.autograd.Function):
                     z_t = z.gather(1, col).squeeze(1)                         # rows of another rank's class
                 tz = torch.where(own, scale * phi, 0.0)
                 z.scatter_(1, col, torch.where(own, tz, z_t).unsqueeze(1))
-                row_lse, tz = lse(z, tz)
+                row_lse, tz = lse(z, tz, scratch.get("lse", *z.shape))
                 total += (row_lse - tz).sum(dtype=torch.float64)
                 if need_grad:
                     p = z.sub_(row_lse.unsqueeze(1)).exp_()          # softmax, in place
@@ -143,7 +167,7 @@ class ChunkedMarginCE(torch.autograd.Function):
                     if neg_slope is not None:
                         keep = p.mul_(neg_slope).gather(1, col).squeeze(1)
                     p.scatter_(1, col, torch.where(own, (p_t - 1.0) * slope, keep).unsqueeze(1))  # ∂L/∂cos ÷ s
-                    _accumulate(grad_w, p, f, scale, arg, subs, opts)
+                    _accumulate(grad_w, p, f, scale, arg, subs, opts, scratch)
         ctx.n = n
         if need_grad:
             ctx.save_for_backward(grad_w)
@@ -155,15 +179,29 @@ class ChunkedMarginCE(torch.autograd.Function):
         return grad_w * (grad_out / max(ctx.n, 1)), None, None, None, None, None, None, None
 
 
+def _logits(f: Tensor, w_mm: Tensor, w_lp: Tensor, scale: float, opts: UnionOptions, scratch: Scratch) -> Tensor:
+    """The chunk's ``s·cos`` (k, C·K) in fp32, written into the scratch buffers."""
+    z = scratch.get("z", f.shape[0], w_mm.shape[0])
+    if not opts.low_precision:
+        return torch.mm(f * scale, w_mm.t(), out=z) if z is not None else torch.mm(f * scale, w_mm.t())
+    f_lp = (f * scale).to(opts.dtype)
+    low = scratch.get("low", f.shape[0], w_mm.shape[0], opts.dtype)
+    if low is None:
+        return _mm(f_lp, w_lp.t())
+    return z.copy_(torch.mm(f_lp, w_lp.t(), out=low))
+
+
 def _accumulate(grad_w: Tensor, p: Tensor, f: Tensor, scale: float, arg: Tensor | None, subs: int,
-                opts: UnionOptions) -> None:
+                opts: UnionOptions, scratch: Scratch) -> None:
     """``grad_w += s · pᵀ f``: (C, k) @ (k, D), routed to the winning sub-centres, fp32 sum."""
     if subs > 1:  # ∂L/∂cos_j goes to W_{j, arg}: spread p over (k, C, K), zeros elsewhere
         p = torch.zeros(*p.shape, subs, dtype=p.dtype, device=p.device).scatter_(2, arg.unsqueeze(2),
                                                                                 p.unsqueeze(2)).view(p.shape[0], -1)
     g = grad_w if subs == 1 else grad_w.view(-1, grad_w.shape[-1])
     if opts.low_precision:
-        g.add_(_mm(p.t().to(opts.dtype), f.to(opts.dtype)), alpha=scale)
+        low = scratch.get("low", *p.shape, dtype=opts.dtype)
+        p_lp = p.to(opts.dtype) if low is None else low.copy_(p)
+        g.add_(_mm(p_lp.t(), f.to(opts.dtype)), alpha=scale)
     else:
         g.addmm_(p.t(), f, alpha=scale)                              # (C, k) @ (k, D)
 
