@@ -72,16 +72,17 @@ def build_head(cfg: HeadConfig, num_classes: int, embedding_size: int, world_siz
                seed: int = 0) -> BroadFace:
     """The margin classifier wrapped in BroadFace (``queue_size=0``: exactly the plain margin loss).
 
-    Class-sharded over the default group when ``world_size > 1``; there (and with ``head.sample_rate < 1``)
-    W is initialised so row c depends on (seed, c) only. In one process the trainer checks labels on the
-    host; sharded, the head checks them itself (an error on one rank is raised on every rank)."""
+    Class-sharded over the default group when ``world_size > 1``; there W is initialised so row c depends on
+    (seed, c) only. In one process (also with ``head.sample_rate < 1``) W is drawn as the plain head's, so a
+    sampled run and an unsampled one start from the same classifier (a paired comparison). In one process
+    the trainer checks labels on the host; sharded, the head checks them itself (an error on one rank is
+    raised on every rank)."""
     kw = dict(queue_size=cfg.queue_size, compensate=cfg.compensate, chunk_size=cfg.chunk_size, storage=cfg.storage,
               storage_dtype=getattr(torch, cfg.storage_dtype), diagnostics=cfg.diagnostics,
               validate_labels=world_size > 1, union_dtype=getattr(torch, cfg.union_dtype))
-    partitioned = world_size > 1 or cfg.sample_rate < 1
     return BroadFace.sharded(margin_factory(cfg), num_classes, embedding_size, queue_mode=cfg.queue_mode,
-                             sample_rate=cfg.sample_rate, encoder_grad="ddp", init_seed=seed if partitioned else None,
-                             **kw)
+                             sample_rate=cfg.sample_rate, encoder_grad="ddp",
+                             init_seed=seed if world_size > 1 else None, **kw)
 
 
 def build_datasets(cfg: DataConfig, input_size: int) -> tuple[Dataset, Dataset | None]:
