@@ -85,7 +85,11 @@ def union_table(data: dict, part: str = "union") -> str:
     rows = ["| training classes | arm | seeds | Recall@1 | Δ vs fp32 union, points | Δ vs queue 0, points "
             "| step time vs fp32 union |", "|---:|---|---:|---|---|---|---:|"]
     a = report.head_arms(runs, part)
-    for (g, q, head), arm in sorted(a.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    def order(kv):  # within a group: by queue, then fp32 before bf16, then the sample rate falling
+        (g, q, head), opts = kv[0], dict(kv[0][2])
+        return g, q, opts.get("union_dtype", ""), -opts.get("sample_rate", 1.0)
+
+    for (g, q, head), arm in sorted(a.items(), key=order):
         classes = next(iter(arm.values()))["num_classes"]
         fp32 = a.get((g, q, ()))
         vs32 = "–" if q == 0 or not head else report.fmt_gain(report.head_gain(runs, part, g, q, head, q))
