@@ -201,3 +201,23 @@ class NaiveFamilyBroadFace:
                                  e[i].detach().norm(), k))
         self.entries = self.entries[-self.q:] if self.q else []
         return batch.detach(), ge, union.detach(), gw
+
+
+def assert_steps_match(head, ref, batches) -> None:
+    """Train ``head`` and the reference side by side over ``batches`` of (e, y), taking large SGD steps on W
+    (so compensation matters): each step's mini-batch loss, union loss, ∂e and ∂W must agree."""
+    import pytest
+
+    for step, (e, y) in enumerate(batches):
+        w_before = head.weight.detach().clone()
+        r_batch, r_ge, r_union, r_gw = ref.grads(w_before, e, y)
+        x = e.detach().clone().requires_grad_(True)
+        head.zero_grad()
+        loss = head(x, y)
+        loss.backward()
+        assert loss.item() == pytest.approx(r_batch.item(), rel=1e-5), step
+        assert head.stats.union_loss.item() == pytest.approx(r_union.item(), rel=1e-5), step
+        assert torch.allclose(x.grad.double(), r_ge, atol=1e-6, rtol=1e-4), step
+        assert torch.allclose(head.weight.grad.double(), r_gw, atol=1e-6, rtol=1e-4), step
+        with torch.no_grad():
+            head.weight.sub_(2.0 * head.weight.grad)

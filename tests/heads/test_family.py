@@ -9,7 +9,7 @@ import torch
 from broadface.heads import AdaFace, ArcFace, BroadFace, CurricularFace, MagFace, SubCenterArcFace
 
 from .reference import (NaiveFamilyBroadFace, RefAdaFace, RefCurricularFace, RefMagFace, RefSubCenter,
-                        margin_target)
+                        assert_steps_match, margin_target)
 
 C, D, B, S = 13, 6, 5, 16.0
 FAMILY = {  # name: (our head, the paper's reference), paper defaults except the scale
@@ -101,20 +101,7 @@ def test_broadface_with_each_margin_matches_the_naive_queue(name):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         ours.weight.normal_(generator=g)
-    for step in range(6):  # 30 samples through 12 slots
-        e, y = batch(g)
-        w_before = ours.weight.detach().clone()
-        r_batch, r_ge, r_union, r_gw = ref.grads(w_before, e, y)
-        x = e.clone().requires_grad_(True)
-        ours.zero_grad()
-        loss = ours(x, y)
-        loss.backward()
-        assert loss.item() == pytest.approx(r_batch.item(), rel=1e-5), step
-        assert ours.stats.union_loss.item() == pytest.approx(r_union.item(), rel=1e-5), step
-        assert torch.allclose(x.grad.double(), r_ge, atol=1e-6, rtol=1e-4), step
-        assert torch.allclose(ours.weight.grad.double(), r_gw, atol=1e-6, rtol=1e-4), step
-        with torch.no_grad():
-            ours.weight.sub_(2.0 * ours.weight.grad)  # large steps: compensation matters
+    assert_steps_match(ours, ref, (batch(g) for _ in range(6)))  # 30 samples through 12 slots
     assert ours.stats.queue_fill == 12
 
 
