@@ -52,41 +52,67 @@ class RandomFaces(torch.utils.data.Dataset):
         return self.getitem(i)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Time ``args.steps`` trainer steps after ``args.warmup`` and print one JSON line."""
+def build_trainer(args: argparse.Namespace, queue: int, union_dtype: str, sample_rate: float):
+    """A trainer of one union variant on random faces, its queue full (filling it by training takes Q/B steps)."""
     from broadface.train.config import Config, apply_overrides
     from broadface.train.trainer import Trainer
 
-    torch.set_num_threads(args.threads)
     cfg = apply_overrides(Config(), [
         f"model.name={args.model}", f"model.input_size={args.size}", f"model.embedding_size={args.dim}",
-        f"head.queue_size={args.queue}", f"train.batch_size={args.batch}", f"train.device={args.device}",
-        f"train.steps={args.warmup + args.steps}", "train.output=null", "data.val_split=null", "optim.lr=0.01",
-        f"head.union_dtype={args.union_dtype}", f"head.sample_rate={args.sample_rate}", f"train.amp={args.amp}"])
+        f"head.queue_size={queue}", f"train.batch_size={args.batch}", f"train.device={args.device}",
+        f"train.steps={10**6}", "train.output=null", "data.val_split=null", "optim.lr=0.01",
+        f"head.union_dtype={union_dtype}", f"head.sample_rate={sample_rate}", f"train.amp={args.amp}"])
     data = RandomFaces(args.batch * 8, args.size, args.classes)
     trainer = Trainer(cfg, train_set=data, num_classes=args.classes, progress=False)
-    cuda = trainer.device.type == "cuda"
-    if args.queue:  # start with a full queue (filling it by training would take Q/B steps)
+    if queue:
         g = torch.Generator().manual_seed(1)
-        emb = torch.randn(args.queue, args.dim, generator=g).to(trainer.device)
-        labels = torch.randint(0, args.classes, (args.queue,), generator=g).to(trainer.device)
+        emb = torch.randn(queue, args.dim, generator=g).to(trainer.device)
+        labels = torch.randint(0, args.classes, (queue,), generator=g).to(trainer.device)
         trainer.head.enqueue(emb, labels)
+    return trainer
+
+
+def timed_step(trainer) -> float:
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time ``args.steps`` trainer steps after ``args.warmup`` and print one JSON line."""
+    torch.set_num_threads(args.threads)
+    trainer = build_trainer(args, args.queue, args.union_dtype, args.sample_rate)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times = [timed_step(trainer) for _ in range(args.warmup + args.steps)][args.warmup:]
+    cuda = trainer.device.type == "cuda"
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
     print(json.dumps({"queue": args.queue, "step_s": statistics.median(times), "peak_mb": peak,
                       "base_mb": base_rss / 1024, "fill": trainer.head.queue.fill,
                       "classes_used": trainer.head.stats.sampled_classes}))
+
+
+def interleaved(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every union variant's trainer in this one process, one step each per round: load drift hits all alike
+    (no per-variant peak memory then: they share the process)."""
+    torch.set_num_threads(args.threads)
+    trainers = {}
+    for u in args.unions:
+        queue, dtype, rate = UNIONS[u]
+        trainers[u] = build_trainer(args, args.queue if queue is None else queue, dtype, rate)
+        for _ in range(args.warmup):
+            timed_step(trainers[u])
+    times = {u: [] for u in trainers}
+    for _ in range(args.rounds * args.steps):
+        for u, t in trainers.items():
+            times[u].append(timed_step(t))
+    return {u: [{"queue": t.head.queue.size, "step_s": statistics.median(times[u]), "peak_mb": float("nan"),
+                 "classes_used": t.head.stats.sampled_classes}] for u, t in trainers.items()}
 
 
 def predicted_ratio(encoder_macs: float, batch: int, classes: int, dim: int, queue: int, used: int | None = None
@@ -124,6 +150,10 @@ def run_config(args: argparse.Namespace, union: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _mb(v: float) -> str:
+    return "–" if v != v else f"{v:,.0f}"  # NaN: not measured (--same-process)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="mobilefacenet 56x56, fewer steps and rounds")
@@ -140,6 +170,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--same-process", action="store_true",
+                   help="all variants in one process, one step each per round (steady ratios; no peak memory)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--union-dtype", default="float32", help=argparse.SUPPRESS)
@@ -158,10 +190,13 @@ def main() -> None:
     print(f"# {args.model} {args.size}x{args.size}, D={args.dim}, B={args.batch}, C={args.classes}, Q={args.queue}, "
           f"amp={args.amp}, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, "
           f"device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.1f}")
-    runs: dict[str, list[dict]] = {u: [] for u in args.unions}
-    for _ in range(args.rounds):
-        for u in args.unions:  # alternate so drift in machine load hits every variant alike
-            runs[u].append(run_config(args, u))
+    if args.same_process:
+        runs = interleaved(args)
+    else:
+        runs = {u: [] for u in args.unions}
+        for _ in range(args.rounds):
+            for u in args.unions:  # alternate so drift in machine load hits every variant alike
+                runs[u].append(run_config(args, u))
     macs = encoder_macs(args.model, args.size, args.dim)
     done = {u: [r for r in rs if "step_s" in r] for u, rs in runs.items()}
     base = statistics.median(r["step_s"] for r in done["plain"]) if done.get("plain") else None
@@ -177,7 +212,7 @@ def main() -> None:
         pred = predicted_ratio(macs, args.batch, args.classes, args.dim, r0["queue"], r0["classes_used"])
         vs = f"{step / base:.3f}" if base else "–"
         print(f"| {u} | {r0['queue']} | {r0['classes_used']:,} | {step * 1e3:,.0f} | {args.batch / step:.1f} "
-              f"| {max(r['peak_mb'] for r in done[u]):,.0f} | {vs} | {pred:.3f} |")
+              f"| {_mb(max(r['peak_mb'] for r in done[u]))} | {vs} | {pred:.3f} |")
         rows.append({"union": u, "step_s": step, "vs_plain": None if base is None else step / base, "mac_model": pred,
                      **r0})
     paper = predicted_ratio(encoder_macs("iresnet100", 112, 512), 128, 85_742, 512, 8192)
