@@ -1,19 +1,27 @@
 """Data-layer benchmark: listing, packing and loading speed, measured side by side in one run.
 
-    python bench/data.py --quick   # ~1 minute on 2 CPU cores
+    python bench/data.py --quick   # a few minutes on 2 CPU cores
     python bench/data.py           # more images per loader measurement
 
-Prints one table: time to list LFW (13,233 files, nothing decoded), to open Omniglot from its
-zips, to pack CelebA-299 (6,300 JPEGs) into RecordIO and to scan its labels, then loader
-throughput (images/s, 112x112 train transform) for an image folder vs the same images packed
-as RecordIO, with 0 and 2 workers, interleaved so machine load affects all alike.
+Prints two tables. The first: time to list LFW (13,233 files, nothing decoded), to open Omniglot from its
+zips, to pack CelebA-299 (6,300 JPEGs) into RecordIO and to scan its labels. The second: decoded images/s of
+the training loader (112x112 train transform, batch 64) over the CelebA-299 folder and the same images
+packed as RecordIO, with 0, 1 and 2 workers, beside the raw JPEG decode rate of the same files (PIL open +
+RGB + load in this process, nothing else) and beside the rate at which a backbone consumes images in
+training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet). Loader and raw rows
+are interleaved over rounds so machine load affects all alike; each value is the median over rounds.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import statistics
 import tempfile
 import time
+
+import torch
+from PIL import Image
 
 from broadface.data import FaceFolder, RecordIODataset, TrainTransform, make_loader, open_dataset, pack_folder
 from broadface.paths import data_root
@@ -38,36 +46,76 @@ def throughput(ds, images: int, workers: int, batch: int = 64) -> float:
     return n / (time.perf_counter() - t)
 
 
+def raw_decode(blobs: list[bytes]) -> float:
+    """JPEG bytes -> RGB pixels with PIL alone (the bytes already in memory): images/s."""
+    t = time.perf_counter()
+    for b in blobs:
+        Image.open(io.BytesIO(b)).convert("RGB").load()
+    return len(blobs) / (time.perf_counter() - t)
+
+
+def consumption(name: str, steps: int, batch: int = 32) -> float:
+    """Training images/s of a backbone at 112 px (forward + backward, SGD step excluded), fp32."""
+    from broadface.models import build_model
+
+    model = build_model(name, embedding_size=512, input_size=112).train()
+    x = torch.randn(batch, 3, 112, 112)
+    model(x).sum().backward()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def setup_rows(root, tmp) -> list[tuple[str, str]]:
+    rows = [("list LFW folder (13,233 files)", f"{timed(lambda: FaceFolder(root / 'lfw/aligned-112x112')):.3f} s")]
+    rows.append(("open Omniglot (2 zips, dedupe)", f"{timed(lambda: open_dataset('omniglot', 'all')):.3f} s"))
+    t = time.perf_counter()
+    s = pack_folder(root / "celeba299/aligned-112x112", tmp)
+    rows.append((f"pack CelebA-299 -> RecordIO ({s.num_images} images)", f"{time.perf_counter() - t:.2f} s"))
+    rows.append(("RecordIO: open + scan all labels", f"{timed(lambda: RecordIODataset(tmp).targets):.3f} s"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
-    images, rounds = (1024, 2) if args.quick else (4096, 3)
+    images, rounds, steps = (1024, 2, 2) if args.quick else (3072, 3, 3)
     root = data_root()
-    rows = [("list LFW folder (13,233 files)", f"{timed(lambda: FaceFolder(root / 'lfw/aligned-112x112')):.3f} s")]
-    rows.append(("open Omniglot (2 zips, dedupe)", f"{timed(lambda: open_dataset('omniglot', 'all')):.3f} s"))
     celeba = root / "celeba299/aligned-112x112"
+    print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        s = pack_folder(celeba, tmp)
-        rows.append((f"pack CelebA-299 -> RecordIO ({s.num_images} images)", f"{time.perf_counter() - t:.2f} s"))
-        rows.append(("RecordIO: open + scan all labels", f"{timed(lambda: RecordIODataset(tmp).targets):.3f} s"))
+        rows = setup_rows(root, tmp)
+        width = max(len(r[0]) for r in rows)
+        print(f"| {'measure':<{width}} | value |\n|---|---:|")
+        for k, v in rows:
+            print(f"| {k:<{width}} | {v} |")
         tf = TrainTransform(112)
         sets = {"folder": FaceFolder(celeba, tf), "recordio": RecordIODataset(tmp, tf)}
+        files = [p for p, _ in sets["folder"].samples[:images]]
+        blobs = [open(p, "rb").read() for p in files]
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(rounds):
-            for workers in (0, 2):
+            rates.setdefault(("raw", 0), []).append(raw_decode(blobs))
+            for workers in args.workers:
                 for name, ds in sets.items():
                     rates.setdefault((name, workers), []).append(throughput(ds, images, workers))
-        for (name, workers), r in rates.items():
-            rows.append((f"load {name}, {workers} workers, 112px train tf", f"{statistics.median(r):.0f} img/s"))
-        for workers in (0, 2):
-            ratio = statistics.median(rates[("recordio", workers)]) / statistics.median(rates[("folder", workers)])
-            rows.append((f"recordio / folder speed, {workers} workers", f"{ratio:.2f}x"))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  value")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+        raw = statistics.median(rates[("raw", 0)])
+        eat = {m: consumption(m, steps) for m in ("iresnet50", "mobilefacenet")}
+    print(f"\nraw JPEG decode of the same {len(blobs)} files (PIL, one process): {raw:,.0f} img/s")
+    print("training consumption at 112 px, batch 32, fp32: "
+          + ", ".join(f"{m} {r:,.1f} img/s" for m, r in eat.items()) + "\n")
+    print("| loader | workers | img/s | vs raw decode | vs iResNet-50 | vs MobileFaceNet |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, workers), r in rates.items():
+        if name == "raw":
+            continue
+        m = statistics.median(r)
+        print(f"| {name} | {workers} | {m:,.0f} | {m / raw:.0%} | {m / eat['iresnet50']:,.0f}× "
+              f"| {m / eat['mobilefacenet']:,.0f}× |")
 
 
 if __name__ == "__main__":

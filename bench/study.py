@@ -23,7 +23,7 @@ from pathlib import Path
 
 from broadface.fileio import atomic_write_json
 from broadface.study import costs, markdown
-from broadface.study.plan import StudyConfig, plan
+from broadface.study.plan import PARTS, StudyConfig, plan
 from broadface.study.runs import RunSpec, from_demo, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def _regime_classes(text: str) -> int | str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, tiny runs (debugging the machinery)")
-    ap.add_argument("--parts", nargs="+", choices=["sweep", "warm", "finetune", "regime", "drift"], help="default: all")
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), help="default: all")
     ap.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     ap.add_argument("--from-json", type=Path, help="only re-render RESULTS.md and the plots from this runs.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "study", help="runs.json and the plots")

@@ -4,7 +4,7 @@ import torch
 from broadface.heads import ArcFace, BroadFace, CosFace, chunked_margin_ce
 from broadface.heads.queue import compensate
 
-from .reference import NaiveBroadFace, dense_margin_loss
+from .reference import NaiveBroadFace, assert_steps_match, dense_margin_loss
 
 C, D, B = 13, 6, 5
 
@@ -44,20 +44,8 @@ def test_gradient_split_matches_equations(margin, m, compensate):
         head.weight.normal_()
     ref = NaiveBroadFace(12, 16.0, *m, compensate=compensate)
     g = torch.Generator().manual_seed(1)
-    for step in range(6):  # 30 samples through a 12-entry queue
-        e = torch.randn(B, D, generator=g).requires_grad_(True)
-        y = torch.randint(0, C, (B,), generator=g)
-        w_before = head.weight.detach().clone()
-        r_batch, r_ge, r_union, r_gw = ref.grads(w_before, e, y)
-        head.zero_grad()
-        loss = head(e, y)
-        loss.backward()
-        assert loss.item() == pytest.approx(r_batch.item(), rel=1e-5), step
-        assert head.stats.union_loss.item() == pytest.approx(r_union.item(), rel=1e-5), step
-        assert torch.allclose(e.grad.double(), r_ge, atol=1e-6, rtol=1e-4), step
-        assert torch.allclose(head.weight.grad.double(), r_gw, atol=1e-6, rtol=1e-4), step
-        with torch.no_grad():
-            head.weight.sub_(2.0 * head.weight.grad)  # large steps: compensation matters
+    batches = ((torch.randn(B, D, generator=g), torch.randint(0, C, (B,), generator=g)) for _ in range(6))
+    assert_steps_match(head, ref, batches)  # 30 samples through a 12-entry queue
     assert head.stats.queue_fill == 12 and len(head.queue) == 12
 
 

@@ -8,30 +8,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from broadface.dist import rank_slice
-from broadface.heads import ArcFace, BroadFace, CosFace, ShardedBroadFace, ShardedMarginHead, chunked_margin_ce
+from broadface.heads import (AdaFace, ArcFace, BroadFace, CosFace, CurricularFace, MagFace, ShardedBroadFace,
+                             ShardedMarginHead, SubCenterArcFace, chunked_margin_ce)
 from broadface.heads.partition import init_rows
 from broadface.train.memory import micro_batch_backward
 from tests.helpers import spawn
 
 D, S, LR, WORLD = 6, 16.0, 2.0, 2
-MARGINS = {"arcface": ArcFace, "cosface": CosFace}
+MARGINS = {"arcface": ArcFace, "cosface": CosFace, "adaface": AdaFace, "magface": MagFace,
+           "curricularface": CurricularFace, "subcenter": SubCenterArcFace}
+FAMILY = ("adaface", "magface", "curricularface", "subcenter")
 CONFIGS = {  # N: global batch; Q: queue per rank; 6 steps push 36 samples through a 12-entry union: wrap-around
     "partial_fc": dict(C=13, N=7, steps=3, Q=0, margin="arcface", grad="global"),  # uneven classes and batch (4+3)
     "local": dict(C=13, N=6, steps=6, Q=6, mode="local", margin="arcface", grad="global", chunk=4),
     "replicated": dict(C=13, N=6, steps=6, Q=5, mode="replicated", margin="cosface", grad="ddp", chunk=3),
     "sampled": dict(C=40, N=4, steps=5, Q=4, mode="local", margin="arcface", grad="global", rate=0.3),
     "full": dict(C=13, N=6, steps=4, Q=6, mode="local", margin="arcface", grad="global", storage="full"),
+    # the margin family (embedding norms spread over 1..25: AdaFace's and MagFace's margins vary), every
+    # queue mode and encoder gradient among them, and each with class sampling
+    "adaface": dict(C=13, N=6, steps=5, Q=6, mode="local", margin="adaface", grad="global", chunk=4, spread=True),
+    "magface": dict(C=13, N=6, steps=5, Q=5, mode="replicated", margin="magface", grad="ddp", chunk=3, spread=True),
+    "curricularface": dict(C=13, N=7, steps=5, Q=6, mode="local", margin="curricularface", grad="global", chunk=4,
+                           spread=True),
+    "subcenter": dict(C=13, N=6, steps=5, Q=6, mode="local", margin="subcenter", grad="ddp", chunk=4, spread=True),
+    **{f"sampled_{m}": dict(C=40, N=4, steps=5, Q=4, mode="local", margin=m, grad="global", rate=0.3, spread=True)
+       for m in FAMILY},
 }
 
 
-def initial_weight(c):
-    return torch.randn(c, D, generator=torch.Generator().manual_seed(0))  # λ ≈ 1, like a trained W
+def initial_weight(c, rest=(D,)):
+    return torch.randn(c, *rest, generator=torch.Generator().manual_seed(0))  # λ ≈ 1, like a trained W
 
 
 def global_batches(cfg, seed=1, dim=D):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(cfg["N"], dim, generator=g), torch.randint(0, cfg["C"], (cfg["N"],), generator=g))
-            for _ in range(cfg["steps"])]
+    out = [(torch.randn(cfg["N"], dim, generator=g), torch.randint(0, cfg["C"], (cfg["N"],), generator=g))
+           for _ in range(cfg["steps"])]
+    if cfg.get("spread"):
+        out = [(e * (0.5 + 10 * torch.rand(len(e), 1, generator=g)), y) for e, y in out]
+    return out
 
 
 def build_sharded(cfg):
@@ -44,7 +59,7 @@ def build_sharded(cfg):
                                 chunk_size=cfg.get("chunk", 4096), storage=cfg.get("storage", "compact"))
     p = head.partition
     with torch.no_grad():
-        head.weight.copy_(initial_weight(cfg["C"])[p.class_start:p.class_stop])
+        head.weight.copy_(initial_weight(cfg["C"], head.weight.shape[1:])[p.class_start:p.class_stop])
     return head
 
 
@@ -106,7 +121,7 @@ def _reference(cfg):
     margin = MARGINS[cfg["margin"]](cfg["C"], D, scale=S)
     head = margin if cfg["Q"] == 0 else BroadFace(margin, queue_size=WORLD * cfg["Q"], chunk_size=5)
     with torch.no_grad():
-        head.weight.copy_(initial_weight(cfg["C"]))
+        head.weight.copy_(initial_weight(cfg["C"], head.weight.shape[1:]))
     out = []
     for e, y in global_batches(cfg):
         e = e.clone().requires_grad_(True)
@@ -122,22 +137,24 @@ def _reference(cfg):
 
 def _sampled_reference(cfg, sampled_per_step):
     """Single process over the same sampled class set: BroadFace's queue and pieces, W[S] with autograd."""
-    head = BroadFace(ArcFace(cfg["C"], D, scale=S), queue_size=WORLD * cfg["Q"])
+    head = BroadFace(MARGINS[cfg["margin"]](cfg["C"], D, scale=S), queue_size=WORLD * cfg["Q"])
     with torch.no_grad():
-        head.weight.copy_(initial_weight(cfg["C"]))
-    w, out = head.weight, []
+        head.weight.copy_(initial_weight(cfg["C"], head.weight.shape[1:]))
+    w, m, out = head.weight, head.margin, []
     for (e, y), sampled in zip(global_batches(cfg), sampled_per_step):
         remap = torch.full((cfg["C"],), -1, dtype=torch.long)
         remap[sampled] = torch.arange(len(sampled))
-        queued = head.queue.live().labels
-        union_y = torch.cat([y, queued])
+        queued = head.queue.live()
+        union_y = torch.cat([y, queued.labels])
         assert (remap[union_y] >= 0).all(), "a positive of the batch or the queue was not sampled"
         e = e.clone().requires_grad_(True)
-        batch = head.margin.loss(e, remap[y], weight=w.detach()[sampled])
+        batch = m.loss(e, remap[y], weight=w.detach()[sampled])  # training mode: statistics move first
         batch.backward()
         feats = torch.cat([e.detach(), head.queue.compensated(w)])
-        union = chunked_margin_ce(F.normalize(w[sampled], dim=1), F.normalize(feats, dim=1), remap[union_y],
-                                  head.margin.target, S)
+        opts = {"norm": torch.cat([e.detach().norm(dim=1), queued.norms])} if m.uses_norm else {}
+        opts.update({"negatives": m.negatives} if m.negatives is not None else {})
+        union = chunked_margin_ce(F.normalize(w[sampled], dim=-1), F.normalize(feats, dim=1), remap[union_y],
+                                  m.target, S, **opts)
         head.zero_grad()
         union.backward()
         out.append(dict(loss=batch.item(), union=union.item(), e_grad=e.grad.clone(), w_grad=w.grad.clone()))
@@ -160,7 +177,7 @@ def close(a, b, rtol=1e-4, atol=1e-6):
     return torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["partial_fc", "local", "replicated", "full"])
+@pytest.mark.parametrize("name", ["partial_fc", "local", "replicated", "full", *FAMILY])
 def test_two_ranks_equal_one_process(runs, name):
     """sample_rate=1: losses, encoder gradients and classifier gradients match the full-classifier head."""
     cfg, ranks = CONFIGS[name], runs[name]
@@ -180,8 +197,9 @@ def test_two_ranks_equal_one_process(runs, name):
         assert ranks[0][-1]["stats"]["compensation_norm"] == pytest.approx(ranks[1][-1]["stats"]["compensation_norm"])
 
 
-def test_sampling_keeps_positives_and_matches_same_class_set(runs):
-    cfg, (r0, r1) = CONFIGS["sampled"], runs["sampled"]
+@pytest.mark.parametrize("name", ["sampled", *[f"sampled_{m}" for m in FAMILY]])
+def test_sampling_keeps_positives_and_matches_same_class_set(runs, name):
+    cfg, (r0, r1) = CONFIGS[name], runs[name]
     sampled = [torch.cat([a["sampled"], b["sampled"]]) for a, b in zip(r0, r1)]
     assert all(len(s) < cfg["C"] for s in sampled), "sampling kept every class: the test would prove nothing"
     for step, (s, a, b) in enumerate(zip(sampled, r0, r1)):
@@ -282,3 +300,32 @@ def test_bad_input_is_a_clear_error():
         ShardedMarginHead(lambda c, d: nn.Linear(d, c), 13, D)
     with pytest.raises(ValueError, match="encoder_grad"):
         ShardedMarginHead(ArcFace, 13, D, encoder_grad="sum")
+
+
+@pytest.mark.parametrize("name", ["sampled", *[f"sampled_{m}" for m in FAMILY]])
+def test_one_process_sampled_union_matches_the_same_class_set(name):
+    """Partial FC on the union in one process: every positive of batch and queue kept, a fraction of the
+    negatives, the sampled rows' gradients exact, the other rows' zero."""
+    cfg = CONFIGS[name]
+    head = BroadFace.sharded(functools.partial(MARGINS[cfg["margin"]], scale=S), cfg["C"], D, WORLD * cfg["Q"],
+                             sample_rate=cfg["rate"], encoder_grad="global")
+    with torch.no_grad():
+        head.weight.copy_(initial_weight(cfg["C"], head.weight.shape[1:]))
+    got, sampled = [], []
+    for e, y in global_batches(cfg):
+        e = e.clone().requires_grad_(True)
+        head.zero_grad()
+        loss = head(e, y)
+        loss.backward()
+        sampled.append(head.partition.last_sampled.clone())
+        got.append(dict(loss=loss.item(), union=head.stats.union_loss.item(), e_grad=e.grad.clone(),
+                        w_grad=head.weight.grad.clone()))
+        with torch.no_grad():
+            head.weight.sub_(LR * head.weight.grad)
+    assert all(len(s) < cfg["C"] for s in sampled) and min(len(s) for s in sampled) >= math.ceil(0.3 * cfg["C"])
+    for step, (ref, a, s) in enumerate(zip(_sampled_reference(cfg, sampled), got, sampled)):
+        assert a["loss"] == pytest.approx(ref["loss"], rel=1e-5) and a["union"] == pytest.approx(ref["union"], rel=1e-5)
+        assert close(a["e_grad"], ref["e_grad"]) and close(a["w_grad"], ref["w_grad"]), step
+        unsampled = torch.ones(cfg["C"], dtype=torch.bool)
+        unsampled[s] = False
+        assert (a["w_grad"][unsampled] == 0).all()

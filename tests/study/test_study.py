@@ -22,8 +22,8 @@ def test_plan_pairs_every_arm_with_a_queue_zero_arm_of_the_same_seed():
         (q, c) for q in (1024, 4096, 8192, 16384, 32768) for c in (True, False)}
     assert {s.seed for s in specs} == {0, 1, 2}
     by_pair = {}
-    for s in specs:
-        by_pair.setdefault(s.pair_key(), []).append(s)
+    for s in specs:  # the union part pairs arms that differ in their head settings too
+        by_pair.setdefault(s.pair_key(("head",) if s.part == "union" else ()), []).append(s)
     for arms in by_pair.values():  # each pair key: one queue-0 arm and arms that differ only in the queue
         assert sum(a.queue == 0 for a in arms) == 1
         assert len({(a.seed, a.batch, a.classes, a.rotations, a.lr, a.steps, a.warm_steps) for a in arms}) == 1
@@ -83,3 +83,44 @@ def test_micro_study_end_to_end(tmp_path, root):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "BroadFace 64, no compensation" in text and "(n=1)" in text
     assert (tmp_path / "study" / "sweep.png").stat().st_size > 1000
+
+
+def test_margin_and_union_parts_pair_what_they_compare():
+    specs = plan(StudyConfig())
+    margins = [s for s in specs if s.part == "margins" and s.seed == 0]
+    assert {(s.loss, s.queue) for s in margins} == {(loss, q) for loss in ("arcface", "cosface", "adaface", "magface",
+                                                                         "curricularface", "subcenter")
+                                                    for q in (0, 8192)}
+    union = [s for s in specs if s.part == "union" and s.seed == 0]
+    assert {(s.rotations, s.queue, s.head) for s in union} == {
+        (1, 0, ()), (1, 8192, ()), (1, 8192, (("union_dtype", "bfloat16"),)),
+        (4, 0, ()), (4, 1024, ()), (4, 1024, (("sample_rate", 0.3),)), (4, 1024, (("sample_rate", 0.1),))}
+    groups = {s.pair_key(("head",)) for s in union}
+    assert len(groups) == 2 and len({s.pair_key() for s in union}) == 5  # head settings split the plain pair key
+
+
+def _fake(spec, r1, step_ms=10.0, classes=964):
+    return {"spec": asdict(spec), "key": spec.key(), "recall@1": r1, "recall@8": r1, "step_ms": step_ms,
+            "num_classes": classes, "fill": spec.queue, "curve": [], "errors": [], "losses": []}
+
+
+def test_union_and_margin_tables_pair_by_seed():
+    """Paired Δ of each union setting against the fp32 union of the same queue, and of each margin's queue arm."""
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        base = RunSpec(part="union", seed=seed)
+        bf16 = (("union_dtype", "bfloat16"),)
+        runs += [_fake(base, 0.70 + shift), _fake(replace(base, queue=8192), 0.74 + shift, 20.0),
+                 _fake(replace(base, queue=8192, head=bf16), 0.73 + shift + 0.01 * seed, 14.0)]
+        m = RunSpec(part="margins", seed=seed, loss="adaface")
+        runs += [_fake(m, 0.60 + shift, 10.0), _fake(replace(m, queue=8192), 0.65 + shift, 30.0)]
+    group = report._base_key(RunSpec(part="union", seed=0), ("head",))
+    d = report.head_gain(runs, "union", group, 8192, (("union_dtype", "bfloat16"),), 8192)
+    assert d.n == 2 and d.mean == pytest.approx(-0.005) and d.se == pytest.approx(0.005)
+    assert report.head_gain(runs, "union", group, 8192, (), 0).mean == pytest.approx(0.04)
+    data = {"runs": runs, "config": asdict(StudyConfig())}
+    table = markdown.union_table(data)
+    assert "| 964 | BroadFace 8192, bfloat16 union | 2 | 0.7450 ± 0.0212 | -0.50 ± 0.50 (n=2) | +3.50 ± 0.50 (n=2) " \
+           "| 0.70× |" in table
+    assert "| AdaFace | 2 | 0.6100 ± 0.0141 | 0.6600 ± 0.0141 | 8192 | +5.00 ± 0.00 (n=2) | no | 3.00× |" \
+           in markdown.margin_table(data)

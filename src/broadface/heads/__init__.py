@@ -1,6 +1,8 @@
 """Classification heads: margin losses, the BroadFace queue and the head over a class partition."""
+from broadface.heads.adaptive import AdaFace, CurricularFace, MagFace
 from broadface.heads.broadface import BroadFace, HeadStats, QueueDiagnostics, merge_head_states
-from broadface.heads.margins import ArcFace, CombinedMargin, CosFace, MarginHead, NormSoftmax, check_labels
+from broadface.heads.margins import (ArcFace, CombinedMargin, CosFace, MarginHead, NormSoftmax, SubCenterArcFace,
+                                     check_labels)
 from broadface.heads.partition import ClassPartition, class_range
 from broadface.heads.queue import EmbeddingQueue, QueueEntries
 from broadface.heads.union import chunked_margin_ce
@@ -16,6 +18,7 @@ def ShardedMarginHead(margin, num_classes: int, embedding_size: int, **kwargs) -
     return BroadFace.sharded(margin, num_classes, embedding_size, 0, **kwargs)
 
 
-__all__ = ["ArcFace", "BroadFace", "ClassPartition", "CombinedMargin", "CosFace", "EmbeddingQueue", "HeadStats",
-           "MarginHead", "NormSoftmax", "QueueDiagnostics", "QueueEntries", "ShardedBroadFace", "ShardedMarginHead",
-           "check_labels", "chunked_margin_ce", "class_range", "merge_head_states"]
+__all__ = ["AdaFace", "ArcFace", "BroadFace", "ClassPartition", "CombinedMargin", "CosFace", "CurricularFace",
+           "EmbeddingQueue", "HeadStats", "MagFace", "MarginHead", "NormSoftmax", "QueueDiagnostics", "QueueEntries",
+           "ShardedBroadFace", "ShardedMarginHead", "SubCenterArcFace", "check_labels", "chunked_margin_ce",
+           "class_range", "merge_head_states"]

@@ -16,7 +16,9 @@ The same class runs on any number of ranks: a :class:`~broadface.heads.partition
 says which classes this process holds (all of them by default; :meth:`BroadFace.sharded` for a
 contiguous shard per rank with all-gathered embeddings, all-reduced log-sum-exp and Partial FC
 sampling). The margin contract is narrow: a :class:`MarginHead` gives ``W``, ``scale`` and the
-element-wise ``target(cos_y)``.
+element-wise ``target(cos_y)``, plus the few hooks of ``broadface.heads.margins`` that AdaFace, MagFace,
+CurricularFace and sub-center ArcFace need (the feature norm, re-weighted negatives, batch statistics,
+an encoder regulariser, K rows per class).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from broadface.heads.margins import MarginHead, check_labels
+from broadface.heads.margins import MarginHead, check_labels, row_norm
 from broadface.heads.partition import ClassPartition, init_rows
-from broadface.heads.queue import EmbeddingQueue, QueueEntries, compensate, entries_from_state, state_from_entries
-from broadface.heads.union import chunked_margin_ce
+from broadface.heads.queue import (EmbeddingQueue, QueueEntries, compensate, entries_from_state, state_from_entries,
+                                   subcenter_rows)
+from broadface.heads.union import UNION_DTYPES, chunked_margin_ce
 
 
 @dataclass
@@ -81,6 +84,8 @@ class BroadFace(nn.Module):
         storage: ``"compact"`` (u = e⁻ − λW⁻_y and λ: D+2 numbers per entry) or ``"full"`` (e⁻ and W⁻_y);
             default compact, full with ``diagnostics``.
         storage_dtype: dtype of the queued vectors (float32, bfloat16 or float16).
+        union_dtype: dtype of the union's two big matmuls (logits and ∂W; float32, bfloat16 or float16), with
+            fp32 log-sum-exp and fp32 sums of ∂W; the mini-batch (encoder) loss is unaffected.
         diagnostics: full storage plus each entry's sample id and push step (:meth:`diagnostics`) and the
             compensation norm in :attr:`stats`.
         partition: where the classes live (default: all in this process).
@@ -90,7 +95,8 @@ class BroadFace(nn.Module):
 
     def __init__(self, margin: MarginHead, queue_size: int = 8192, compensate: bool = True, chunk_size: int = 4096,
                  storage: str | None = None, storage_dtype: torch.dtype = torch.float32, diagnostics: bool = False,
-                 partition: ClassPartition | None = None, validate_labels: bool = True):
+                 partition: ClassPartition | None = None, validate_labels: bool = True,
+                 union_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(margin, MarginHead):
             raise ValueError(f"margin must be a MarginHead (ArcFace, CosFace, ...), got {type(margin).__name__}")
@@ -98,6 +104,8 @@ class BroadFace(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        if union_dtype not in UNION_DTYPES:
+            raise ValueError(f"union_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {union_dtype}")
         if diagnostics and storage == "compact":
             raise ValueError("diagnostics=True keeps e⁻ and W⁻_y: it needs storage='full' (or storage=None)")
         self.partition = partition or ClassPartition(margin.num_classes)
@@ -106,10 +114,11 @@ class BroadFace(nn.Module):
                              f"{self.partition.num_local} (classes {self.partition.class_start}.."
                              f"{self.partition.class_stop - 1} of {self.partition.num_classes})")
         self.margin, self.compensate, self.chunk_size = margin, compensate, chunk_size
-        self.queue_size, self.validate_labels = int(queue_size), validate_labels
+        self.queue_size, self.validate_labels, self.union_dtype = int(queue_size), validate_labels, union_dtype
         self.queue = EmbeddingQueue(self.partition.queue_capacity(queue_size), margin.embedding_size,
                                     storage or ("full" if diagnostics else "compact"), storage_dtype,
-                                    compensate=compensate, track_ids=diagnostics)
+                                    compensate=compensate, track_ids=diagnostics, keep_norms=margin.uses_norm,
+                                    subcenters=margin.subcenters > 1)
         self.stats: HeadStats | None = None
 
     @classmethod
@@ -124,7 +133,8 @@ class BroadFace(nn.Module):
         """
         part = ClassPartition(num_classes, sample_rate, encoder_grad, queue_mode, group)
         head = margin(part.num_local, embedding_size)
-        if not isinstance(head, MarginHead) or tuple(head.weight.shape) != (part.num_local, embedding_size):
+        if (not isinstance(head, MarginHead) or head.weight.shape[0] != part.num_local
+                or head.weight.shape[-1] != embedding_size):
             got = tuple(head.weight.shape) if isinstance(head, MarginHead) else type(head).__name__
             raise ValueError(f"margin(num_local, embedding_size) must build a MarginHead of shape "
                              f"({part.num_local}, {embedding_size}), got {got}")
@@ -151,7 +161,7 @@ class BroadFace(nn.Module):
         n = y.shape[0]
         if self.queue.size == 0:  # the plain margin loss (Partial FC when sharded or sampled)
             weight, target = self.partition.select(self.weight, y)
-            loss = self.partition.cross_entropy(self.margin.logits(feats, target, weight), target)
+            loss = self._batch_loss(feats, target, weight, lengths)
             self.stats = HeadStats(loss.detach(), loss.detach(), 0, n, weight.shape[0])
             return loss
         queue = self.partition.union_entries(self.queue.live())       # every rank's entries
@@ -160,11 +170,12 @@ class BroadFace(nn.Module):
         past = compensate(queue, rows[n:])                            # Eq. 7: e*
         weight, target = self.partition.select(self.weight, union_y)
         # Eq. 8: the encoder sees the mini-batch loss L(X) only (W detached here).
-        batch_loss = self.partition.cross_entropy(self.margin.logits(feats, target[:n], weight.detach()), target[:n])
+        batch_loss = self._batch_loss(feats, target[:n], weight.detach(), lengths)
         # Eq. 9: the classifier sees L(X ∪ E*), the batch detached and the compensated queue.
         union = torch.cat([feats.detach().float(), past])
-        union_loss = chunked_margin_ce(F.normalize(weight, dim=1), F.normalize(union, dim=1), target,
-                                       self.margin.target, self.margin.scale, self.chunk_size, self.partition.lse())
+        union_loss = chunked_margin_ce(F.normalize(weight, dim=-1), F.normalize(union, dim=1), target,
+                                       self.margin.target, self.margin.scale, self.chunk_size, self.partition.lse(),
+                                       **self._union_options(feats, queue))
         self.stats = HeadStats(batch_loss.detach(), union_loss.detach(), len(queue), union.shape[0], weight.shape[0],
                                self._compensation_norm(queue, rows[n:]))
         if enqueue and self.training:
@@ -172,9 +183,32 @@ class BroadFace(nn.Module):
         # value L(X); d/dW = ∇L(X∪E*) (batch_loss holds no W-path), d/de = ∇L(X) (union holds no e-path)
         return batch_loss + (union_loss - union_loss.detach())
 
+    def _batch_loss(self, feats: Tensor, target: Tensor, weight: Tensor, lengths: list[int]) -> Tensor:
+        """The mini-batch loss L(X) over ``weight``'s classes (plus the margin's encoder regulariser)."""
+        m, part = self.margin, self.partition
+        extra = {"row_sum": part.row_sum} if m.uses_target_cos and part.sharded else {}
+        loss = part.cross_entropy(m.logits(feats, target, weight, **extra), target)
+        reg = m.regularizer(feats)
+        if reg is None:
+            return loss
+        share = reg[part.own_slice(lengths)].sum() / max(feats.shape[0], 1)  # this rank's rows: their gradient
+        if part.sharded:  # reaches this rank alone; the value is every rank's share
+            share = share + (part.row_sum(share) - share.detach())
+        return loss + share
+
+    def _union_options(self, feats: Tensor, queue: QueueEntries) -> dict[str, Any]:
+        """The union's dtype and the margin's per-row inputs (the batch's ‖e‖ and the queued ‖e⁻‖)."""
+        m, opts = self.margin, {"dtype": self.union_dtype}
+        if m.uses_norm:
+            opts["norm"] = torch.cat([row_norm(feats).detach(), queue.norms.float()])
+        if m.negatives is not None:
+            opts.update(negatives=m.negatives, row_sum=self.partition.row_sum if self.partition.sharded else None)
+        return opts
+
     def _compensation_norm(self, queue: QueueEntries, rows_now: Tensor) -> Tensor | None:
         if queue.past_weights is None or not self.compensate or len(queue) == 0:
             return None
+        rows_now = subcenter_rows(rows_now, queue.subcenters)
         return (queue.scales * (rows_now - queue.past_weights.float()).norm(dim=1)).mean()
 
     @torch.no_grad()
@@ -196,9 +230,21 @@ class BroadFace(nn.Module):
         ids = ids.to(y.device) if ids is not None and self.queue.track_ids else None
         if self.partition.pushes_global:  # replicated queue (or one process): every rank pushes X_global
             ids = None if ids is None else self.partition.gather_batch(ids, lengths)
-            self.queue.push(feats, y, rows, ids, keep)
+            w, sub = self._entry_rows(feats, rows)
+            self.queue.push(feats, y, w, ids, keep, subcenters=sub)
         else:
-            self.queue.push(embeddings, labels, rows[self.partition.own_slice(lengths)], ids, keep)
+            w, sub = self._entry_rows(embeddings, rows[self.partition.own_slice(lengths)])
+            self.queue.push(embeddings, labels, w, ids, keep, subcenters=sub)
+
+    @staticmethod
+    def _entry_rows(e: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(W⁻_y, its sub-centre) per entry: with K sub-centres the one closest to e⁻, the row its max-pooled
+        cosine was scored against (and the one its compensation follows for the entry's life)."""
+        if rows.dim() == 2:
+            return rows, None
+        cos = torch.einsum("nd,nkd->nk", F.normalize(e.detach().float(), dim=1), F.normalize(rows, dim=-1))
+        sub = cos.argmax(dim=1)
+        return subcenter_rows(rows, sub), sub
 
     # ------------------------------------------------------------------ diagnostics
     @torch.no_grad()
@@ -222,7 +268,8 @@ class BroadFace(nn.Module):
         if weight is None:
             return None
         capacity = self.queue_size * self.partition.world_size
-        return {"margin.weight": weight, "_extra_state": self._meta(world=1),
+        stats = {f"margin.{k}": v.detach().cpu().clone() for k, v in self.margin.named_buffers()}  # replicated
+        return {"margin.weight": weight, **stats, "_extra_state": self._meta(world=1),
                 **state_from_entries(entries, capacity, self.embedding_size, self.queue.step, self.queue.vectors.dtype)}
 
     @torch.no_grad()
@@ -236,14 +283,18 @@ class BroadFace(nn.Module):
         weight = state.get("margin.weight", state.get("weight"))
         if weight is None:
             raise ValueError(f"not a BroadFace / margin head state (no 'margin.weight'; keys: {sorted(state)[:6]})")
-        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
+        want = (self.num_classes, *self.weight.shape[1:])
+        if tuple(weight.shape) != want:
             raise ValueError(f"classifier has shape {tuple(weight.shape)} (classes x dim) but this head needs "
-                             f"{(self.num_classes, self.embedding_size)}")
+                             f"{want}" + (" (classes x sub-centres x dim)" if len(want) == 3 else ""))
         entries, step, _ = entries_from_state(state)
         if entries is not None and len(entries):
             check_labels(entries.labels, self.num_classes)
             entries = self.partition.split_entries(entries)
         self.weight.copy_(self.partition.local_rows(weight))
+        for name, buf in self.margin.named_buffers():  # batch statistics (AdaFace, CurricularFace); absent: kept
+            if f"margin.{name}" in state:
+                buf.copy_(state[f"margin.{name}"])
         self.queue.load(entries, step, drop_oldest)
 
     def _meta(self, world: int | None = None) -> dict[str, Any]:
@@ -274,8 +325,9 @@ class BroadFace(nn.Module):
     def extra_repr(self) -> str:
         p = self.partition
         where = f", classes {p.class_start}..{p.class_stop - 1} of rank {p.rank}/{p.world_size}" if p.sharded else ""
+        dtype = "" if self.union_dtype == torch.float32 else f", union_dtype={self.union_dtype}"
         return (f"queue_size={self.queue_size}, compensate={self.compensate}, chunk_size={self.chunk_size}, "
-                f"sample_rate={p.sample_rate}{where}")
+                f"sample_rate={p.sample_rate}{dtype}{where}")
 
 
 def merge_head_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -310,5 +362,6 @@ def merge_head_states(states: list[Mapping[str, Any]]) -> dict[str, Any]:
     capacity = metas[0]["queue_size"] * world
     dtype = by_rank[0].get("queue.vectors", torch.zeros(0)).dtype
     meta = dict(metas[0], rank=0, world_size=1, class_start=0, class_stop=c, queue_mode="local", queue_size=capacity)
-    return {"margin.weight": torch.cat([s["margin.weight"] for s in by_rank]), "_extra_state": meta,
+    stats = {k: v for k, v in by_rank[0].items() if k.startswith("margin.") and k != "margin.weight"}
+    return {"margin.weight": torch.cat([s["margin.weight"] for s in by_rank]), **stats, "_extra_state": meta,
             **state_from_entries(entries, capacity, d, max((s for _, s, _ in per_rank), default=0), dtype)}

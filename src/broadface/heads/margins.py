@@ -9,6 +9,19 @@ The combined margin takes insightface's ``margin_list = (m1, m2, m3)`` values:
 ``target = cos(m1·θ + m2) − m3``. ArcFace is ``(1, m, 0)``, CosFace ``(1, 0, m)``. Same loss
 values as insightface; the gradients are exact (insightface's ArcFace applies the angular margin
 under ``no_grad``, so its target gradient passes straight through).
+
+**The margin contract** (what :class:`~broadface.heads.BroadFace` and the union loss use) is ``W``,
+``scale`` and the element-wise ``target(cos_y)``, widened by four optional hooks that the margins of
+``broadface.heads.adaptive`` need and ArcFace / CosFace do not (their code path is unchanged):
+
+- ``uses_norm``: ``target(cos_y, norm)`` also takes each row's raw feature norm ‖e‖ (AdaFace, MagFace);
+  a queued entry keeps its ‖e⁻‖ for it (one more number per entry);
+- ``negatives(cos, cos_y)``: an element-wise re-weighting of the non-target cosines given each row's
+  target cosine (CurricularFace); ``uses_target_cos`` says it is there;
+- ``observe(norm, cos_y)``: batch statistics (EMAs) updated from the mini-batch, once per training forward,
+  before the loss uses them;
+- ``regularizer(embeddings)``: a term of the encoder's loss alone (MagFace's g(a));
+- ``subcenters`` K: K rows per class, ``W`` of shape (C, K, D), the cosine max-pooled over them.
 """
 from __future__ import annotations
 
@@ -45,37 +58,66 @@ def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None
         raise ValueError(f"label {value} is outside [0, {num_classes}) (num_classes={num_classes})")
 
 
-def margin_logits(cos: Tensor, target: Tensor, margin: Callable[[Tensor], Tensor], scale: float) -> Tensor:
-    """``s·cos`` with each row's target column replaced by ``s·margin(cos_y)``.
+def margin_logits(cos: Tensor, target: Tensor, margin: Callable[..., Tensor], scale: float,
+                  norm: Tensor | None = None, negatives: Callable[[Tensor, Tensor], Tensor] | None = None,
+                  cos_y: Tensor | None = None) -> Tensor:
+    """``s·cos`` with each row's target column replaced by ``s·margin(cos_y)`` (``margin(cos_y, ‖e‖)``
+    when ``norm`` is given); with ``negatives`` the other columns are ``s·negatives(cos, cos_y)`` first,
+    ``cos_y`` (N,) being every row's target cosine (also for rows whose class another process holds).
 
-    A target of −1 (the class lives in another process) leaves the row's cosines as they are.
+    A target of −1 (the class lives in another process) leaves the row's target column as it is.
     Gather → margin → scatter: never a dense N×C one-hot, no host sync."""
     col = target.long().clamp_min(0).unsqueeze(1)
     cos_t = cos.gather(1, col)
-    phi = torch.where(target.unsqueeze(1) >= 0, margin(cos_t), cos_t)
+    phi = margin(cos_t) if norm is None else margin(cos_t, norm.unsqueeze(1))
+    if negatives is not None:
+        cos = negatives(cos, cos_y.unsqueeze(1))
+        phi = torch.where(target.unsqueeze(1) >= 0, phi, cos.gather(1, col))
+    else:
+        phi = torch.where(target.unsqueeze(1) >= 0, phi, cos_t)
     return cos.scatter(1, col, phi) * scale
+
+
+def row_norm(embeddings: Tensor) -> Tensor:
+    """The raw feature norm ‖e‖ of every row, fp32 (AdaFace's and MagFace's quality signal)."""
+    return embeddings.float().norm(dim=1)
 
 
 class MarginHead(nn.Module):
     """Normalised linear classifier + margin on the target logit + cross-entropy.
 
-    Subclasses define :meth:`target`, the margin as a function of the target cosine.
-    ``forward(embeddings, labels)`` returns the mean loss over the batch.
+    Subclasses define :meth:`target`, the margin as a function of the target cosine (and the hooks of
+    the module docstring where they need them). ``forward(embeddings, labels)`` returns the mean loss.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 64.0):
+    uses_norm = False  # target(cos_y, norm): needs each row's raw ‖e‖ (queued with the entry)
+    uses_target_cos = False  # negatives() / observe() need every row's target cosine (all-reduced when sharded)
+    negatives: Callable[[Tensor, Tensor], Tensor] | None = None  # (cos (N, C), cos_y (N, 1)) -> re-weighted cos
+
+    def __init__(self, num_classes: int, embedding_size: int, scale: float = 64.0, subcenters: int = 1):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes and embedding_size must be positive, got {num_classes}, {embedding_size}")
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be >= 1, got {subcenters}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.scale = float(scale)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        self.subcenters = int(subcenters)
+        shape = (num_classes, embedding_size) if subcenters == 1 else (num_classes, subcenters, embedding_size)
+        self.weight = nn.Parameter(torch.empty(shape))
         nn.init.normal_(self.weight, std=0.01)
 
     def target(self, cos_t: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Margin-adjusted target cosine, element-wise, fp32."""
         raise NotImplementedError
+
+    def observe(self, norm: Tensor | None, cos_y: Tensor | None) -> None:
+        """Update batch statistics from a training mini-batch (detached ‖e‖ and target cosines); default none."""
+
+    def regularizer(self, embeddings: Tensor) -> Tensor | None:
+        """Per-row loss term of the encoder alone (added to the mini-batch loss, never to the union); default none."""
+        return None
 
     def cosine(self, embeddings: Tensor, weight: Tensor | None = None) -> Tensor:
         """(N, C) cosines in fp32, clamped to [-1, 1]. The matmul follows autocast."""
@@ -83,25 +125,43 @@ class MarginHead(nn.Module):
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(w, dim=1))
         return cos.float().clamp(-1.0, 1.0)
 
-    def logits(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    def logits(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None,
+               row_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """(N, C) fp32 logits ``s·cos`` with the target column replaced by ``s·target(cos_y)``
-        (a label of −1, a class held by another process, replaces nothing)."""
-        return margin_logits(self.cosine(embeddings, weight), labels, self.target, self.scale)
+        (a label of −1, a class held by another process, replaces nothing).
+
+        For margins with batch statistics this is the mini-batch's forward: in training mode it first
+        updates them from these rows (call it once per mini-batch). ``row_sum`` sums a per-row tensor
+        over the processes that share the classes (the sharded head), so every one sees each row's cos_y."""
+        cos = self.cosine(embeddings, weight)
+        if not (self.uses_norm or self.uses_target_cos):
+            return margin_logits(cos, labels, self.target, self.scale)
+        norm = row_norm(embeddings) if self.uses_norm else None
+        cos_y = None
+        if self.uses_target_cos:
+            cos_y = torch.where(labels >= 0, cos.detach().gather(1, labels.long().clamp_min(0)[:, None])[:, 0], 0.0)
+            cos_y = cos_y if row_sum is None else row_sum(cos_y)
+        if self.training:
+            self.observe(None if norm is None else norm.detach(), cos_y)
+        return margin_logits(cos, labels, self.target, self.scale, norm, self.negatives, cos_y)
 
     def loss(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Mean margin cross-entropy; ``weight`` overrides ``self.weight`` (e.g. a detached copy)."""
+        """Mean margin cross-entropy (plus the regulariser); ``weight`` overrides ``self.weight``."""
         check_labels(labels, self.num_classes, embeddings.shape[0])
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings must have shape (batch, {self.embedding_size}), got {tuple(embeddings.shape)}"
             )
-        return F.cross_entropy(self.logits(embeddings, labels, weight), labels.long())
+        loss = F.cross_entropy(self.logits(embeddings, labels, weight), labels.long())
+        reg = self.regularizer(embeddings)
+        return loss if reg is None else loss + reg.mean()
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self.loss(embeddings, labels)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}"
+        sub = f", subcenters={self.subcenters}" if self.subcenters > 1 else ""
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}{sub}"
 
 
 class CombinedMargin(MarginHead):
@@ -112,8 +172,8 @@ class CombinedMargin(MarginHead):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, m1: float = 1.0, m2: float = 0.5,
-                 m3: float = 0.0, scale: float = 64.0):
-        super().__init__(num_classes, embedding_size, scale)
+                 m3: float = 0.0, scale: float = 64.0, subcenters: int = 1):
+        super().__init__(num_classes, embedding_size, scale, subcenters)
         if m1 <= 0:
             raise ValueError(f"m1 must be > 0, got {m1}")
         if not 0 <= m2 < math.pi:
@@ -159,3 +219,22 @@ class NormSoftmax(MarginHead):
 
     def target(self, cos_t: Tensor) -> Tensor:
         return cos_t.float()
+
+
+class SubCenterArcFace(CombinedMargin):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): K sub-centres per class, ``cos θ_j = max_k cos(e, W_jk)``,
+    then ArcFace ``cos(θ_y + m)`` on the pooled target cosine. Paper defaults K = 3, m = 0.5, s = 64.
+
+    ``W`` has shape (C, K, D): row c holds class c's sub-centres, so a class-sharded classifier splits it by
+    class like any other. The max-pool sends each cosine's gradient to its dominant sub-centre only.
+    (The paper's second stage, dropping non-dominant sub-centres and noisy samples, is not built.)"""
+
+    def __init__(self, num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.5,
+                 subcenters: int = 3):
+        super().__init__(num_classes, embedding_size, 1.0, margin, 0.0, scale, subcenters)
+
+    def cosine(self, embeddings: Tensor, weight: Tensor | None = None) -> Tensor:
+        w = self.weight if weight is None else weight
+        flat = F.normalize(w, dim=-1).reshape(-1, w.shape[-1])  # (C·K, D), class-major
+        cos = F.linear(F.normalize(embeddings, dim=1), flat).float()
+        return cos.view(cos.shape[0], -1, w.shape[1]).max(dim=2).values.clamp(-1.0, 1.0)

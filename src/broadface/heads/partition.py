@@ -58,19 +58,21 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
 @torch.no_grad()
 def init_rows(weight: Tensor, start: int, seed: int, std: float = 0.01) -> None:
     """N(0, std) rows for classes ``start, start+1, ...`` where row c depends only on (seed, c):
-    the same classifier on any number of ranks."""
+    the same classifier on any number of ranks (a row may be (K, D): a class's sub-centres)."""
     stop = start + weight.shape[0]
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1):
         g = torch.Generator().manual_seed(derive_seed("classifier", seed, block))
-        rows = torch.randn(_INIT_BLOCK, weight.shape[1], generator=g) * std
+        rows = torch.randn(_INIT_BLOCK, *weight.shape[1:], generator=g) * std
         lo, hi = max(start, block * _INIT_BLOCK), min(stop, (block + 1) * _INIT_BLOCK)
         weight[lo - start:hi - start] = rows[lo - block * _INIT_BLOCK:hi - block * _INIT_BLOCK].to(weight)
 
 
-def _global_lse(z: Tensor, target_logit: Tensor, group) -> tuple[Tensor, Tensor]:
-    """(log Σ_all exp z, target logit) per row, reduced over ranks; ``z`` (k, C_r) fp32."""
+def _global_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None, *, group) -> tuple[Tensor, Tensor]:
+    """(log Σ_all exp z, target logit) per row, reduced over ranks; ``z`` (k, C_r) fp32 (``scratch``: a buffer
+    of z's shape for the exponentials)."""
     m = all_reduce_(z.max(dim=1).values, "max", group)
-    sums = torch.stack([torch.exp(z - m[:, None]).sum(dim=1), target_logit])
+    e = torch.exp(z - m[:, None]) if scratch is None else torch.sub(z, m[:, None], out=scratch).exp_()
+    sums = torch.stack([e.sum(dim=1), target_logit])
     all_reduce_(sums, "sum", group)
     return sums[0].log() + m, sums[1]
 
@@ -84,7 +86,7 @@ class _ShardedCE(torch.autograd.Function):
         own = (target >= 0).unsqueeze(1)
         col = target.clamp_min(0).unsqueeze(1)
         tz = torch.where(own, z.gather(1, col), 0.0).squeeze(1)
-        lse, tz = _global_lse(z, tz, group)
+        lse, tz = _global_lse(z, tz, group=group)
         ctx.save_for_backward(z, lse, own, col)
         return (lse - tz).mean()
 
@@ -180,6 +182,10 @@ class ClassPartition:
         column = torch.searchsorted(idx, local.clamp(0, self.num_local - 1))
         return weight[idx], torch.where(owned, column, -1)
 
+    def row_sum(self, x: Tensor) -> Tensor:
+        """A per-row tensor summed over ranks (each row's owner holds the value, the others 0); no autograd."""
+        return all_reduce_(x.detach().clone(), "sum", self.group) if self.sharded else x
+
     def lse(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """Row-wise (log-sum-exp over all classes, target logit) from this rank's logits."""
         return partial(_global_lse, group=self.group) if self.sharded else local_lse
@@ -192,13 +198,14 @@ class ClassPartition:
 
     @torch.no_grad()
     def current_rows(self, weight: Tensor, labels: Tensor) -> Tensor:
-        """Current ``W_y`` (fp32, detached) for every label: each owner fills its rows, one all-reduce."""
+        """Current ``W_y`` (fp32, detached) for every label: each owner fills its rows, one all-reduce
+        (with sub-centres: the class's (K, D) rows)."""
         if not self.sharded:
             return weight.detach().float()[labels]
         uniq, inverse = torch.unique(labels, return_inverse=True)
         local = uniq - self.class_start
         own = (local >= 0) & (local < self.num_local)
-        rows = torch.zeros(uniq.numel(), weight.shape[1], device=weight.device)
+        rows = torch.zeros(uniq.numel(), *weight.shape[1:], device=weight.device)
         rows[own] = weight.detach().float()[local[own]]
         return all_reduce_(rows, "sum", self.group)[inverse]
 

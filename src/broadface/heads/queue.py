@@ -10,6 +10,9 @@ Storage modes:
 - ``"full"`` keeps ``e⁻`` and ``W⁻_y`` (the naïve layout). It can also return the uncompensated
   ``e⁻`` and the compensation norm ``‖e* − e⁻‖``, which diagnostics such as the paper's Fig. 5a need.
 - ``track_ids`` adds each entry's sample id and the push (step) that enqueued it.
+- ``keep_norms`` adds ‖e⁻‖ (for the norm-dependent margins, AdaFace and MagFace: D + 3 numbers compact);
+  ``subcenters`` adds the index k of the sub-centre ``W⁻_y = W⁻_{y,k}`` the entry was compensated
+  against (sub-center ArcFace: the dominant one at enqueue, fixed for the entry's life).
 
 With ``compensate=False`` the ring stores ``u = e⁻`` and ``λ = 0``: ``e* = e⁻``.
 
@@ -37,7 +40,8 @@ _COUNTERS = ("ptr", "fill", "step")
 @dataclass(frozen=True)
 class QueueEntries:
     """Queue entries, one row each: ``vectors`` are u (compact) or e⁻ (full), ``scales`` λ,
-    ``past_weights`` W⁻_y (full storage), ``ids`` / ``steps`` (when tracked)."""
+    ``past_weights`` W⁻_y (full storage), ``ids`` / ``steps`` (when tracked), ``norms`` ‖e⁻‖ and
+    ``subcenters`` (the sub-centre of W⁻_y) where the margin needs them."""
 
     vectors: Tensor
     scales: Tensor
@@ -45,6 +49,8 @@ class QueueEntries:
     past_weights: Tensor | None = None
     ids: Tensor | None = None
     steps: Tensor | None = None
+    norms: Tensor | None = None
+    subcenters: Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -67,10 +73,20 @@ class QueueEntries:
         return QueueEntries(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in keys})
 
 
+def subcenter_rows(rows: Tensor, subcenters: Tensor | None) -> Tensor:
+    """Each entry's row ``W_{y,k}`` of the sub-centre it keeps, from its class's rows (n, K, D); 2-D rows
+    as they are."""
+    if rows.dim() == 2:
+        return rows
+    return rows[torch.arange(rows.shape[0], device=rows.device), subcenters.to(rows.device)]
+
+
 def compensate(entries: QueueEntries, rows_now: Tensor) -> Tensor:
-    """Eq. 7, ``e* = e⁻ + λ (W_y − W⁻_y)``, fp32, given each entry's current row ``W_y`` (n × D).
+    """Eq. 7, ``e* = e⁻ + λ (W_y − W⁻_y)``, fp32, given each entry's current row ``W_y`` (n × D; with
+    sub-centres its class's rows (n, K, D), of which the entry's own sub-centre is taken).
 
     Compact storage holds ``u = e⁻ − λW⁻_y``, so ``e* = u + λW_y``; without compensation λ = 0."""
+    rows_now = subcenter_rows(rows_now, entries.subcenters)
     lam = entries.scales[:, None].float()
     past = entries.vectors.float()
     if entries.past_weights is None:
@@ -82,7 +98,8 @@ class EmbeddingQueue(nn.Module):
     """FIFO ring buffer of ``size`` past embeddings of dimension ``dim``."""
 
     def __init__(self, size: int, dim: int, storage: str = "compact", dtype: torch.dtype = torch.float32,
-                 compensate: bool = True, track_ids: bool = False):
+                 compensate: bool = True, track_ids: bool = False, keep_norms: bool = False,
+                 subcenters: bool = False):
         super().__init__()
         if size < 0:
             raise ValueError(f"queue size must be >= 0, got {size}")
@@ -92,6 +109,7 @@ class EmbeddingQueue(nn.Module):
             raise ValueError(f"queue dtype must be float32, bfloat16 or float16, got {dtype}")
         self.size, self.dim, self.storage = size, dim, storage
         self.compensate, self.track_ids = compensate, track_ids
+        self.keep_norms, self.keep_subcenters = keep_norms, subcenters
         self.register_buffer("vectors", torch.zeros(size, dim, dtype=dtype))  # u = e⁻ − λW⁻_y, or e⁻ (full)
         self.register_buffer("scales", torch.zeros(size, dtype=torch.float32))  # λ
         self.register_buffer("labels", torch.zeros(size, dtype=torch.long))
@@ -100,6 +118,10 @@ class EmbeddingQueue(nn.Module):
         if track_ids:
             self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
             self.register_buffer("steps", torch.full((size,), -1, dtype=torch.long))
+        if keep_norms:
+            self.register_buffer("norms", torch.zeros(size, dtype=torch.float32))  # ‖e⁻‖
+        if subcenters:
+            self.register_buffer("subcenters", torch.zeros(size, dtype=torch.long))  # k of W⁻_y = W⁻_{y,k}
         self.ptr = self.fill = self.step = 0  # next slot, occupied slots, pushes so far (host ints)
 
     def __len__(self) -> int:
@@ -112,20 +134,26 @@ class EmbeddingQueue(nn.Module):
     # ------------------------------------------------------------------ write
     @torch.no_grad()
     def push(self, embeddings: Tensor, labels: Tensor, rows: Tensor, ids: Tensor | None = None,
-             keep: Tensor | None = None) -> None:
-        """Enqueue ``embeddings`` (e⁻) with their labels and classifier rows ``rows`` (W⁻_y).
+             keep: Tensor | None = None, subcenters: Tensor | None = None) -> None:
+        """Enqueue ``embeddings`` (e⁻) with their labels and classifier rows ``rows`` (W⁻_y; with
+        sub-centres the row of sub-centre ``subcenters``, which this queue then keeps).
 
         ``keep`` (a 0-d bool tensor) makes the write conditional on the device: where it is
         False the slots keep their old contents (the counters still move). No host sync.
         """
         if self.size == 0:
             return
+        if self.keep_subcenters != (subcenters is not None):
+            raise ValueError("this queue keeps the sub-centre of every entry: push needs subcenters="
+                             if self.keep_subcenters else "this queue keeps no sub-centres (subcenters=True)")
         e, w, labels = embeddings.detach().float(), rows.detach().float(), labels.detach().long()
         if e.shape[0] > self.size:  # only the newest `size` entries survive a FIFO
             e, w, labels = e[-self.size:], w[-self.size:], labels[-self.size:]
             ids = None if ids is None else ids[-self.size:]
+            subcenters = None if subcenters is None else subcenters[-self.size:]
         n = e.shape[0]
-        lam = e.norm(dim=1) / w.norm(dim=1).clamp_min(1e-12)  # λ = ‖e⁻‖/‖W⁻_y‖
+        e_norm = e.norm(dim=1)
+        lam = e_norm / w.norm(dim=1).clamp_min(1e-12)  # λ = ‖e⁻‖/‖W⁻_y‖
         if not self.compensate:
             lam = torch.zeros_like(lam)
         new = {"scales": lam, "labels": labels}
@@ -136,6 +164,10 @@ class EmbeddingQueue(nn.Module):
         if self.track_ids:
             new["ids"] = torch.full_like(labels, -1) if ids is None else ids.detach().long().to(labels.device)
             new["steps"] = torch.full_like(labels, self.step)
+        if self.keep_norms:
+            new["norms"] = e_norm
+        if self.keep_subcenters:
+            new["subcenters"] = subcenters.detach().long()
         slots = (self.ptr + torch.arange(n, device=self.labels.device)) % self.size
         for name, value in new.items():
             buf = getattr(self, name)
@@ -181,6 +213,13 @@ class EmbeddingQueue(nn.Module):
             if self.track_ids and name not in out:
                 out[name] = torch.full_like(entries.labels, -1)
             if not self.track_ids:
+                out.pop(name, None)
+        for name, kept, what in (("norms", self.keep_norms, "‖e⁻‖ (AdaFace, MagFace)"),
+                                 ("subcenters", self.keep_subcenters, "sub-centre indices (sub-center ArcFace)")):
+            if kept and name not in out:
+                raise ValueError(f"the checkpoint's queue entries hold no {what}, which this head's margin needs; "
+                                 "start with an empty queue (a warm start: train.init) instead")
+            if not kept:
                 out.pop(name, None)
         return out
 
@@ -238,8 +277,10 @@ class EmbeddingQueue(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {k}=True" for k, v in (("keep_norms", self.keep_norms),
+                                                    ("subcenters", self.keep_subcenters)) if v)
         return (f"size={self.size}, dim={self.dim}, storage={self.storage}, dtype={self.vectors.dtype}, "
-                f"compensate={self.compensate}, track_ids={self.track_ids}")
+                f"compensate={self.compensate}, track_ids={self.track_ids}{extra}")
 
 
 def _upgrade_legacy(state: dict[str, Any], prefix: str) -> None:
@@ -266,7 +307,8 @@ def state_from_entries(entries: QueueEntries | None, capacity: int, dim: int, st
                        prefix: str = "queue.") -> dict[str, Any]:
     """The state_dict part of a ``capacity``-slot queue holding ``entries`` (oldest first) from slot 0."""
     storage = "compact" if entries is None else entries.storage
-    track = entries is not None and entries.ids is not None
-    q = EmbeddingQueue(capacity, dim, storage, dtype, track_ids=track)
+    has = {k: entries is not None and getattr(entries, k) is not None for k in ("ids", "norms", "subcenters")}
+    q = EmbeddingQueue(capacity, dim, storage, dtype, track_ids=has["ids"], keep_norms=has["norms"],
+                       subcenters=has["subcenters"])
     q.load(entries, step)
     return {prefix + k: v for k, v in q.state_dict().items()}

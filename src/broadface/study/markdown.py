@@ -43,6 +43,65 @@ def arm_table(data: dict, part: str) -> str:
     return "\n".join(rows)
 
 
+LOSS_NAMES = {"arcface": "ArcFace", "cosface": "CosFace", "adaface": "AdaFace", "magface": "MagFace",
+              "curricularface": "CurricularFace", "subcenter": "sub-center ArcFace (K = 3)"}
+
+
+def margin_table(data: dict, part: str = "margins") -> str:
+    """One row per margin: Recall@1 without and with the queue, the paired gain, the step-time ratio."""
+    runs = data["runs"]
+    rows = ["| margin | seeds | Recall@1, queue 0 | Recall@1, queue Q | Q | paired Δ Recall@1, points | > 2 SE "
+            "| step time, queue / none |", "|---|---:|---|---|---:|---|:---:|---:|"]
+    a = report.arms(runs, part)
+    groups = {g: RunSpec.from_dict(next(iter(v.values()))["spec"]).loss for (g, q, _), v in a.items() if q == 0}
+    order = list(LOSS_NAMES)
+    for g, loss in sorted(groups.items(), key=lambda kv: order.index(kv[1]) if kv[1] in order else len(order)):
+        base = a[(g, 0, True)]
+        for (gg, q, c), arm in sorted(a.items(), key=lambda kv: kv[0][1]):
+            if gg != g or q == 0:
+                continue
+            d = report.gain(runs, part, g, q, c)
+            ratio = report.step_ratio(arm, base)
+            rows.append(f"| {LOSS_NAMES.get(loss, loss)} | {len(set(arm) & set(base))} "
+                        f"| {report.mean_sd([r['recall@1'] for r in base.values()])} "
+                        f"| {report.mean_sd([r['recall@1'] for r in arm.values()])} | {q} | {report.fmt_gain(d)} "
+                        f"| {'yes' if d is not None and d.significant() else 'no'} "
+                        f"| {'–' if ratio is None else f'{ratio:.2f}×'} |")
+    return "\n".join(rows)
+
+
+def _union_arm(q: int, head: tuple) -> str:
+    if q == 0:
+        return "ArcFace (queue 0)"
+    opts = dict(head)
+    what = [f"{opts['union_dtype']} union" if "union_dtype" in opts else "",
+            f"sampled {opts['sample_rate']:g}" if "sample_rate" in opts else ""]
+    return f"BroadFace {q}, " + (", ".join(w for w in what if w) or "fp32 union")
+
+
+def union_table(data: dict, part: str = "union") -> str:
+    """One row per arm: Recall@1, paired Δ against the fp32 union of the same queue and against queue 0,
+    the step-time ratio against the fp32 union (each run's own timing)."""
+    runs = data["runs"]
+    rows = ["| training classes | arm | seeds | Recall@1 | Δ vs fp32 union, points | Δ vs queue 0, points "
+            "| step time vs fp32 union |", "|---:|---|---:|---|---|---|---:|"]
+    a = report.head_arms(runs, part)
+    def order(kv):  # within a group: by queue, then fp32 before bf16, then the sample rate falling
+        (g, q, head), opts = kv[0], dict(kv[0][2])
+        return g, q, opts.get("union_dtype", ""), -opts.get("sample_rate", 1.0)
+
+    for (g, q, head), arm in sorted(a.items(), key=order):
+        classes = next(iter(arm.values()))["num_classes"]
+        fp32 = a.get((g, q, ()))
+        vs32 = "–" if q == 0 or not head else report.fmt_gain(report.head_gain(runs, part, g, q, head, q))
+        vs0 = "–" if q == 0 else report.fmt_gain(report.head_gain(runs, part, g, q, head, 0))
+        ratio = report.step_ratio(arm, fp32) if fp32 and q else None
+        rows.append(f"| {classes} | {_union_arm(q, head)} | {len(arm)} "
+                    f"| {report.mean_sd([r['recall@1'] for r in arm.values()])} | {vs32} | {vs0} "
+                    f"| {'–' if ratio is None else f'{ratio:.2f}×'} |")
+    return "\n".join(rows)
+
+
 def regime_table(data: dict) -> str:
     rows = ["| training classes | batch | distinct classes per batch (share of all) | ArcFace Recall@1 "
             "| BroadFace Recall@1 | paired Δ, points | > 2 SE | step time vs queue 0 "
@@ -155,6 +214,7 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
               "are re-embedded together in train mode on a copy of the encoder).", "",
               "lr " + f"{c['base']['lr']:g}:", "", error_table(runs, "sweep"), "",
               f"lr {c['drift_lr']:g}:", "", error_table(runs, "drift"), "", *img("errors", "compensation error")]
+    parts += _family_sections(data)
     if data.get("fig6"):
         parts += ["## 5. Memory (cf. paper Fig. 6)", "", fig6_table(data["fig6"]), "", *img("fig6", "memory")]
     parts += _distill_section(results.parent / "distill" / "results.json")
@@ -173,6 +233,25 @@ def _sources(runs: list[dict]) -> list[str]:
     return [f"† {n} of these runs are the many-class track of `broadface demo` ({', '.join(f'`{s}`' for s in src)}, "
             "imported with `--import-demo`): the same recipe, run with the demo's thread count and curve "
             "resolution.", ""]
+
+
+def _family_sections(data: dict) -> list[str]:
+    """The margin family with and without the queue, and the union's speed settings (when they were run)."""
+    c, parts, out = data["config"], {RunSpec.from_dict(r["spec"]).part for r in data["runs"]}, []
+    if "margins" in parts:
+        out += ["## Margins with the queue (issue 13)", "",
+                f"From scratch as the sweep ({c['steps']} steps, 964 classes, batch 128): each margin without a "
+                f"queue and with {c.get('margin_queue', '?')}, paired by seed (the arms of a margin share the "
+                "seed's initialisation and data order). AdaFace and MagFace at their papers' parameters, the "
+                "others with the base's m; `step time` is the ratio of each run's own ms per step (the runs shared "
+                "the machine), mean over seeds.", "", margin_table(data), ""]
+    if "union" in parts:
+        out += ["## The union's speed settings and accuracy (issue 15)", "",
+                "The bf16 union (`head.union_dtype=bfloat16`) and the sampled union (`head.sample_rate`) against "
+                "the fp32 union with the same queue, paired by seed. Sampling keeps every positive of batch and "
+                "queue, so it has negatives to drop only where the classes far outnumber the union: 3,856 rotation "
+                f"classes with queue {c.get('union_sampled_queue', '?')}.", "", union_table(data), ""]
+    return out
 
 
 def _distill_section(path: Path) -> list[str]:

@@ -11,8 +11,15 @@
   3,856 with rotations) and the batch (32, 128, 512).
 * ``drift``  -- a larger learning rate (more drift between a queued embedding and its sample now):
   queue 0 and 32k with and without compensation, and Fig. 5a there.
+* ``margins`` -- the margin family from scratch, each margin without a queue and with 8k: ArcFace, CosFace,
+  AdaFace, MagFace, CurricularFace, sub-center ArcFace (the family's own parameters at the papers'
+  defaults; m and s as the base's where the margin takes them).
+* ``union``  -- the union's speed settings against the fp32 union: bf16 at 964 classes with queue 8k; the
+  sampled union (rates 0.3, 0.1) where sampling has negatives to drop, 3,856 rotation classes with
+  queue 1k (a queue as long as the classes are many keeps every class: its positives).
 
-Every part is paired by seed: the arms of a seed differ only in the queue and compensation.
+Every part is paired by seed: the arms of a seed differ only in the queue and compensation (margins: and
+the loss, each loss its own pair; union: and the head's union settings, paired with the fp32 union).
 """
 from __future__ import annotations
 
@@ -40,8 +47,13 @@ class StudyConfig:
     regime_queue: int = 8192
     drift_lr: float = 0.3
     drift_queues: tuple[int, ...] = (0, 32768)
+    margin_losses: tuple[str, ...] = ("arcface", "cosface", "adaface", "magface", "curricularface", "subcenter")
+    margin_queue: int = 8192
+    union_queue: int = 8192
+    union_sampled_queue: int = 1024
+    union_rates: tuple[float, ...] = (0.3, 0.1)
     curve_every: int = 150
-    parts: tuple[str, ...] = ("sweep", "warm", "finetune", "regime", "drift")
+    parts: tuple[str, ...] = ("sweep", "warm", "finetune", "regime", "drift", "margins", "union")
     base: RunSpec = field(default_factory=lambda: RunSpec(part="", seed=0))
 
     @classmethod
@@ -49,7 +61,8 @@ class StudyConfig:
         return cls(seeds=(0,), steps=60, queues=(0, 1024, 4096), warm_steps=20, warm_arm_steps=40,
                    finetune_queues=(0, 1024),
                    regime_classes=(136, None), regime_batches=(32, 128), regime_steps=40, regime_queue=1024,
-                   drift_queues=(0, 1024), curve_every=20)
+                   drift_queues=(0, 1024), margin_queue=1024, union_queue=1024, union_sampled_queue=512,
+                   curve_every=20)
 
 
 def _arms(base: RunSpec, queues: tuple[int, ...]) -> list[RunSpec]:
@@ -104,7 +117,26 @@ def drift(sc: StudyConfig, seed: int) -> list[RunSpec]:
             for s in _arms(base, sc.drift_queues)]
 
 
-PARTS = {"sweep": sweep, "warm": warm, "finetune": finetune, "regime": regime, "drift": drift}
+def margins(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    out = []
+    for loss in sc.margin_losses:
+        base = replace(sc.base, part="margins", seed=seed, steps=sc.steps, loss=loss)
+        out += [base, replace(base, queue=sc.margin_queue)]
+    return out
+
+
+def union(sc: StudyConfig, seed: int) -> list[RunSpec]:
+    """Queue 0, the fp32 union and its speed settings, paired within a group (964 classes; 3,856 rotated)."""
+    dense = replace(sc.base, part="union", seed=seed, steps=sc.steps)
+    out = [dense, replace(dense, queue=sc.union_queue),
+           replace(dense, queue=sc.union_queue, head=(("union_dtype", "bfloat16"),))]
+    rot = replace(dense, rotations=4)
+    out += [rot, replace(rot, queue=sc.union_sampled_queue)]
+    return out + [replace(rot, queue=sc.union_sampled_queue, head=(("sample_rate", r),)) for r in sc.union_rates]
+
+
+PARTS = {"sweep": sweep, "warm": warm, "finetune": finetune, "regime": regime, "drift": drift, "margins": margins,
+         "union": union}
 
 
 def plan(sc: StudyConfig) -> list[RunSpec]:

@@ -20,11 +20,11 @@ def specs(runs: list[dict]) -> list[tuple[RunSpec, dict]]:
     return [(RunSpec.from_dict(r["spec"]), r) for r in runs]
 
 
-def _base_key(spec: RunSpec) -> str:
+def _base_key(spec: RunSpec, also: tuple[str, ...] = ()) -> str:
     """The pair key of the seed-independent arm group (pairs are then matched by seed)."""
     import json
 
-    d = json.loads(spec.pair_key())
+    d = json.loads(spec.pair_key(also))
     d.pop("seed")
     return json.dumps(d, sort_keys=True)
 
@@ -46,6 +46,34 @@ def gain(runs: list[dict], part: str, group: str, queue: int, compensate: bool,
     if not base or not arm or not set(base) & set(arm):
         return None
     return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
+
+
+def head_arms(runs: list[dict], part: str) -> dict[tuple[str, int, tuple], dict[int, dict]]:
+    """``{(group key, queue, head settings): {seed: record}}``: arms that differ in the queue and the head's
+    settings (union dtype, sample rate) are paired within a group."""
+    out: dict[tuple[str, int, tuple], dict[int, dict]] = defaultdict(dict)
+    for s, r in specs(runs):
+        if s.part == part:
+            out[(_base_key(s, ("head",)), s.queue, s.head)][s.seed] = r
+    return out
+
+
+def head_gain(runs: list[dict], part: str, group: str, queue: int, head: tuple, base_queue: int,
+              base_head: tuple = (), metric: str = "recall@1") -> PairedDifference | None:
+    """Paired difference of arm (queue, head) over arm (base_queue, base_head) of its group (None: either missing)."""
+    a = head_arms(runs, part)
+    arm, base = a.get((group, queue, head)), a.get((group, base_queue, base_head))
+    if not arm or not base or not set(arm) & set(base):
+        return None
+    return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
+
+
+def step_ratio(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
+    """Mean over shared seeds of the arm's ms per step over the base arm's (each run's own timing)."""
+    seeds = sorted(set(arm) & set(base))
+    if not seeds:
+        return None
+    return float(np.mean([arm[s]["step_ms"] / base[s]["step_ms"] for s in seeds]))
 
 
 def expected_classes_per_batch(counts: np.ndarray, batch: int) -> float:

@@ -54,10 +54,11 @@ class RunSpec:
         """Stable identity of the run (what a resumed study skips)."""
         return json.dumps(asdict(self), sort_keys=True)
 
-    def pair_key(self) -> str:
-        """Identity of the pair: every field except the queue and compensation."""
-        d = {k: v for k, v in asdict(self).items() if k not in PAIR_FIELDS and k not in ("eval_every", "error_steps")}
-        return json.dumps(d, sort_keys=True)
+    def pair_key(self, also: tuple[str, ...] = ()) -> str:
+        """Identity of the pair: every field except the queue and compensation (and the fields ``also``, e.g.
+        ``("head",)`` to pair arms that differ in their head settings, such as the union's dtype)."""
+        skip = set(PAIR_FIELDS) | {"eval_every", "error_steps"} | set(also)
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in skip}, sort_keys=True)
 
     def warm(self) -> RunSpec | None:
         """The warm-start run this arm starts from (None: from scratch)."""
@@ -87,8 +88,12 @@ def train_config(spec: RunSpec, init: str | None):
     cfg.head.queue_size, cfg.head.compensate = spec.queue, spec.compensate
     cfg.head.storage = "full" if spec.error_steps and spec.queue else "compact"
     cfg.head.diagnostics = bool(spec.error_steps and spec.queue)  # the queue keeps sample ids (Fig. 5a)
-    for key, value in spec.head:
-        setattr(cfg.head, key, value)
+    for key, value in spec.head:  # "union_dtype", or dotted into a section: "magface.l_a"
+        *path, last = key.split(".")
+        section = cfg.head
+        for name in path:
+            section = getattr(section, name)
+        setattr(section, last, value)
     cfg.optim.lr, cfg.optim.weight_decay = spec.lr, spec.weight_decay
     cfg.schedule.name = "multistep"
     cfg.schedule.milestones = [int(spec.drop_at * spec.steps)] if spec.drop_at < 1 else []

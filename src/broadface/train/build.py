@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from broadface.dist import DistContext
-from broadface.heads import ArcFace, BroadFace, CombinedMargin, CosFace, MarginHead, NormSoftmax
+from broadface.heads import (AdaFace, ArcFace, BroadFace, CombinedMargin, CosFace, CurricularFace, MagFace, MarginHead,
+                             NormSoftmax, SubCenterArcFace)
 from broadface.train.config import Config, DataConfig, HeadConfig
 from broadface.train.distill import Distiller, build_distiller
 from broadface.train.guard import data_fingerprint
@@ -55,23 +56,36 @@ def margin_factory(cfg: HeadConfig) -> Callable[[int, int], MarginHead]:
         return functools.partial(CombinedMargin, m1=m1, m2=m2, m3=m3, scale=cfg.scale)
     if cfg.loss == "softmax":
         return functools.partial(NormSoftmax, scale=cfg.scale)
-    raise ValueError(f"config head.loss={cfg.loss!r}: expected arcface, cosface, combined or softmax")
+    if cfg.loss == "adaface":
+        a = cfg.adaface
+        return functools.partial(AdaFace, scale=cfg.scale, margin=a.m, h=a.h, t_alpha=a.t_alpha)
+    if cfg.loss == "magface":
+        g = cfg.magface
+        return functools.partial(MagFace, scale=cfg.scale, l_a=g.l_a, u_a=g.u_a, l_margin=g.l_margin,
+                                 u_margin=g.u_margin, lambda_g=g.lambda_g)
+    if cfg.loss == "curricularface":
+        return functools.partial(CurricularFace, scale=cfg.scale, margin=cfg.margin, alpha=cfg.curricular_alpha)
+    if cfg.loss == "subcenter":
+        return functools.partial(SubCenterArcFace, scale=cfg.scale, margin=cfg.margin, subcenters=cfg.subcenters)
+    raise ValueError(f"config head.loss={cfg.loss!r}: expected arcface, cosface, combined, softmax, adaface, "
+                     "magface, curricularface or subcenter")
 
 
 def build_head(cfg: HeadConfig, num_classes: int, embedding_size: int, world_size: int = 1,
                seed: int = 0) -> BroadFace:
     """The margin classifier wrapped in BroadFace (``queue_size=0``: exactly the plain margin loss).
 
-    Class-sharded over the default group when ``world_size > 1``; there (and with ``head.sample_rate < 1``)
-    W is initialised so row c depends on (seed, c) only. In one process the trainer checks labels on the
-    host; sharded, the head checks them itself (an error on one rank is raised on every rank)."""
+    Class-sharded over the default group when ``world_size > 1``; there W is initialised so row c depends on
+    (seed, c) only. In one process (also with ``head.sample_rate < 1``) W is drawn as the plain head's, so a
+    sampled run and an unsampled one start from the same classifier (a paired comparison). In one process
+    the trainer checks labels on the host; sharded, the head checks them itself (an error on one rank is
+    raised on every rank)."""
     kw = dict(queue_size=cfg.queue_size, compensate=cfg.compensate, chunk_size=cfg.chunk_size, storage=cfg.storage,
               storage_dtype=getattr(torch, cfg.storage_dtype), diagnostics=cfg.diagnostics,
-              validate_labels=world_size > 1)
-    partitioned = world_size > 1 or cfg.sample_rate < 1
+              validate_labels=world_size > 1, union_dtype=getattr(torch, cfg.union_dtype))
     return BroadFace.sharded(margin_factory(cfg), num_classes, embedding_size, queue_mode=cfg.queue_mode,
-                             sample_rate=cfg.sample_rate, encoder_grad="ddp", init_seed=seed if partitioned else None,
-                             **kw)
+                             sample_rate=cfg.sample_rate, encoder_grad="ddp",
+                             init_seed=seed if world_size > 1 else None, **kw)
 
 
 def build_datasets(cfg: DataConfig, input_size: int) -> tuple[Dataset, Dataset | None]:

@@ -73,7 +73,8 @@ class CheckpointManager:
                 "world_size": self.ctx.world_size, "global_batch": self.global_batch,
                 "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "rng": capture_rng(), "data": dict(position), "step": step, "config": self.cfg.to_dict(),
-                "data_fingerprint": parts.fingerprint, **({"distill": parts.distill.state_dict()} if parts.distill is not None else {})}
+                "data_fingerprint": parts.fingerprint,
+                **({"distill": parts.distill.state_dict()} if parts.distill is not None else {})}
 
     def save(self, parts: Any, position: dict[str, int], step: int, final: bool = False) -> Path | None:
         """Write ``checkpoints/step_N.pt`` (and ``final.pt``); a collective when distributed."""

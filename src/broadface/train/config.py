@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from broadface.train.typed import StrictLoader, from_dict, yaml_problem
 
 Amp = Literal["none", "bf16", "fp16"]
 
@@ -52,13 +53,39 @@ class DataConfig:
 
 
 @dataclass
+class AdaFaceConfig:
+    """AdaFace's norm-adaptive margin (paper defaults)."""
+
+    m: float = 0.4
+    h: float = 0.333  # concentration of the norm scaler
+    t_alpha: float = 0.01  # momentum of the norm mean / std EMAs
+
+
+@dataclass
+class MagFaceConfig:
+    """MagFace's magnitude range, margin range and regulariser weight (paper defaults)."""
+
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_margin: float = 0.45
+    u_margin: float = 0.8
+    lambda_g: float = 35.0
+
+
+@dataclass
 class HeadConfig:
     """Margin loss and the BroadFace queue (queue_size=0 is the plain margin loss)."""
 
-    loss: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
+    loss: Literal["arcface", "cosface", "combined", "softmax", "adaface", "magface", "curricularface",
+                  "subcenter"] = "arcface"
     scale: float = 64.0  # s
-    margin: float = 0.5  # m (arcface: additive angle, cosface: additive cosine)
+    margin: float = 0.5  # m (arcface, curricularface, subcenter: additive angle; cosface: additive cosine)
     margins: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.2])  # combined: cos(m1*theta + m2) - m3
+    adaface: AdaFaceConfig = field(default_factory=AdaFaceConfig)
+    magface: MagFaceConfig = field(default_factory=MagFaceConfig)
+    curricular_alpha: float = 0.01  # curricularface: momentum of t's EMA
+    subcenters: int = 3  # subcenter: K sub-centres per class
+    union_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the union's matmuls (fp32 sums)
     queue_size: int = 0  # embeddings kept from past steps (paper: 8192 per GPU)
     compensate: bool = True  # e* = e- + (|e-| / |W-_y|) (W_y - W-_y)
     chunk_size: int = 4096  # rows of the union whose (rows x classes) logits are alive at once (memory)
@@ -178,7 +205,6 @@ class Config:
         _check(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
         _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "null or > 0")
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two values in [0, 1)")
-        _check(h.scale > 0, "head.scale", h.scale, "> 0")
         _check(self.data.rotations in (1, 2, 4), "data.rotations", self.data.rotations, "1 (off), 2 or 4")
         _check(0 <= self.data.mask_prob <= 1, "data.mask_prob", self.data.mask_prob, "a probability in [0, 1]")
         _check(self.distill.weight >= 0, "distill.weight", self.distill.weight, "a number >= 0")
@@ -186,11 +212,7 @@ class Config:
         _check(self.distill.teacher is not None or not (self.distill.unlabeled_root or self.distill.cache),
                "distill.teacher", self.distill.teacher, "a teacher file when distill.unlabeled_root / distill.cache "
                "is set (they need distill.teacher)")
-        _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
-        _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
-        _check(0 < h.sample_rate <= 1, "head.sample_rate", h.sample_rate, "a fraction in (0, 1]")
-        _check(not h.diagnostics or h.storage == "full", "head.storage", h.storage,
-               "full when head.diagnostics=true (the diagnostics need e- and W-_y)")
+        _validate_head(h)
         _check(t.micro_batch is None or t.micro_batch > 0, "train.micro_batch", t.micro_batch, "null or > 0")
         _check(t.micro_batch is None or t.grad_accum == 1, "train.micro_batch", t.micro_batch,
                "null when train.grad_accum > 1 (use one or the other)")
@@ -201,8 +223,6 @@ class Config:
                "null when train.resume is set (a resumed run already holds its weights)")
         _check(not t.overwrite or t.resume is None, "train.overwrite", t.overwrite,
                "false when train.resume is set (a resumed run continues its results, it does not replace them)")
-        _check(h.loss not in ("arcface", "cosface") or h.margin >= 0, "head.margin", h.margin,
-               f"a margin >= 0 for head.loss={h.loss}")
         _check(self.data.test_fold is None or (self.data.name == "lfw" and self.data.test_fold >= 0),
                "data.test_fold", self.data.test_fold, "null, or a View-2 fold 0..9 with data.name=lfw")
         from broadface.train.guard import check_allow_list
@@ -215,6 +235,25 @@ class Config:
         _check(world_size in (None, 1) or not self.distill.unlabeled_root, "distill.unlabeled_root",
                self.distill.unlabeled_root, "null under torchrun (unlabeled images are supported in one process only)")
         return self
+
+
+def _validate_head(h: HeadConfig) -> None:
+    """The head's checks (margins, union, queue storage)."""
+    _check(h.scale > 0, "head.scale", h.scale, "> 0")
+    _check(len(h.margins) == 3, "head.margins", h.margins, "three values [m1, m2, m3]")
+    _check(h.chunk_size > 0, "head.chunk_size", h.chunk_size, "> 0")
+    _check(h.subcenters >= 1, "head.subcenters", h.subcenters, ">= 1")
+    _check(0 < h.curricular_alpha <= 1, "head.curricular_alpha", h.curricular_alpha, "a momentum in (0, 1]")
+    _check(0 < h.adaface.t_alpha <= 1, "head.adaface.t_alpha", h.adaface.t_alpha, "a momentum in (0, 1]")
+    _check(0 < h.magface.l_a < h.magface.u_a, "head.magface.l_a", h.magface.l_a,
+           f"0 < l_a < head.magface.u_a={h.magface.u_a}")
+    _check(0 <= h.magface.l_margin <= h.magface.u_margin < 1.5707963, "head.magface.l_margin",
+           h.magface.l_margin, f"0 <= l_margin <= head.magface.u_margin={h.magface.u_margin} < π/2")
+    _check(0 < h.sample_rate <= 1, "head.sample_rate", h.sample_rate, "a fraction in (0, 1]")
+    _check(not h.diagnostics or h.storage == "full", "head.storage", h.storage,
+           "full when head.diagnostics=true (the diagnostics need e- and W-_y)")
+    _check(h.loss not in ("arcface", "cosface") or h.margin >= 0, "head.margin", h.margin,
+           f"a margin >= 0 for head.loss={h.loss}")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -235,41 +274,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise FileNotFoundError(f"config file {path} does not exist")
         source = str(path)
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader) or {}
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
                              "save the config as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
+            raise ValueError(f"{path}: invalid YAML ({yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections (model, data, head, ...), "
                              f"got {type(data).__name__}")
     cfg = from_dict(Config, data, source)
     return apply_overrides(cfg, overrides)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line: what PyYAML found wrong and where."""
-    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
-    if problem and mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return " ".join(str(err).split())
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key]}): merge the two into one",
-                    key_node.start_mark)
-            seen[key] = line
-        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -308,77 +323,3 @@ def _is_mapping_field(parts: list[str]) -> bool:
             return False
         tp = hints[part]
     return typing.get_origin(tp) is dict
-
-
-def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and value type."""
-    where = prefix.rstrip(".") or "top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: {where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ValueError(f"{source}: unknown config key '{prefix}{unknown[0]}' "
-                         f"(valid {where} keys: {', '.join(names)})")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, data[name], source, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}", source)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Return value as type tp or raise ValueError naming key and source."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, source)
-            except ValueError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{source}: {key}: expected one of {', '.join(map(str, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{source}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field type this loader does not know
-        raise TypeError(f"config field {key} has unsupported type {tp}")
-    raise ValueError(f"{source}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
