@@ -354,7 +354,8 @@ def test_resume_errors_and_auto_without_checkpoint(tmp_path, faces, make_config)
 
 def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path, faces, make_config):
     train(make_config(tmp_path, "train.steps=2"), train_set=faces, progress=False)
-    with pytest.raises(ValueError, match=r"holds the results of another run \(checkpoints, final.pt.*train.resume=auto"):
+    with pytest.raises(ValueError,
+                       match=r"holds the results of another run \(checkpoints, final.pt.*train.resume=auto"):
         Trainer(make_config(tmp_path, "train.steps=4"), train_set=faces, progress=False)
 
 

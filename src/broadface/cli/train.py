@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         if last.get("queue_fill"):
             parts.append(f"union loss {last['union_loss']:.4f}")
     if result.evals:
-        parts += [f"{k} {v:.4f}" for k, v in result.evals[-1].items() if k.startswith("val_") or k.endswith("_accuracy")]
+        parts += [f"{k} {v:.4f}" for k, v in result.evals[-1].items()
+                  if k.startswith("val_") or k.endswith("_accuracy")]
     print("done: " + ", ".join(parts))
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")

@@ -38,7 +38,8 @@ def arm_table(data: dict, part: str) -> str:
         ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
         mb = f"{cost['step_mb']:.0f}" if "step_mb" in cost else "–"
         dagger = " †" if any("source" in r for r in by_seed.values()) else ""
-        rows.append(f"| {_arm(q, c)}{dagger} | {len(by_seed)} | {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
+        rows.append(f"| {_arm(q, c)}{dagger} | {len(by_seed)} "
+                    f"| {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
                     f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {ratio} | {mb} |")
     return "\n".join(rows)
 
@@ -193,7 +194,8 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
     parts += ["## 1. Queue-size sweep from scratch (cf. paper Table 6a, Fig. 7)", "",
               f"964 classes, batch 128 (a batch shows ~13 % of the classes), {c['steps']} steps, "
               f"lr {c['base']['lr']:g}.",
-              "", arm_table(data, "sweep"), "", *_sources(runs), *img("sweep", "queue sweep"), *img("curves", "learning curves")]
+              "", arm_table(data, "sweep"), "", *_sources(runs), *img("sweep", "queue sweep"),
+              *img("curves", "learning curves")]
     parts += ["## 2. From a warm start", "",
               f"Each seed's arms start from one ArcFace model trained {c['warm_steps']} steps without a queue "
               f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps.", "",
