@@ -188,7 +188,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "runs.json"
     data = _load(json_path)
-    data.update(command="python bench/study.py " + " ".join(sys.argv[1:]), config=asdict(sc),
+    command = "python bench/study.py " + " ".join(sys.argv[1:])
+    data.setdefault("commands", [data["command"]] if "command" in data else [])
+    if command not in data["commands"]:
+        data["commands"].append(command)
+    data.update(command=command, config=asdict(sc),
                 machine=markdown.machine(), wall_s_before=data.get("wall_s", 0), commit=_commit())
     data.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if args.import_demo:
