@@ -32,3 +32,16 @@ def test_sign_one_seed_and_no_overlap():
 def test_significant_when_consistent():
     d = paired_difference({s: 0.8 + 0.001 * s for s in range(4)}, {s: 0.7 for s in range(4)})
     assert d.significant() and d.significant(k=2.0)
+
+
+def test_one_seed_keeps_its_seed_and_difference():
+    one = paired_difference({7: 0.5}, {7: 0.25})
+    assert one.seeds == (7,) and one.diffs == (0.25,) and one.n == 1
+
+
+def test_no_spread_or_exactly_two_standard_errors_is_not_significant():
+    same = paired_difference({0: 0.75, 1: 0.5}, {0: 0.5, 1: 0.25})  # +0.25 twice: SE 0, nothing to compare with
+    assert same.se == 0.0 and not same.significant()
+    edge = paired_difference({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})  # mean 2, SE 1: exactly 2 SE
+    assert edge.mean == 2.0 and edge.se == pytest.approx(1.0) and not edge.significant()
+    assert edge.significant(k=1.999)
