@@ -155,7 +155,7 @@ def _setup_lines(data: dict) -> list[str]:
         f"{b['size']}×{b['size']}, no flip.",
         f"- Model: `tinycnn` width {b['width']}, D = {b['dim']}; {b['loss']} s = {b['scale']:g}, m = {b['margin']:g}; "
         f"SGD momentum 0.9, weight decay {b['weight_decay']:g}; lr × 0.1 at {int(100 * b['drop_at'])} % of the steps; "
-        f"one torch thread per run, two runs at a time.",
+        f"torch threads per run as each command above says (`--threads`, default 1; the demo's runs: 2).",
         "- Metric: Recall@K, every evaluation image querying the other 13,179 (cosine, no flip).",
         f"- Pairs: the arms of a seed share initialisation and data order (and the warm start), so every gain is "
         f"the mean over seeds {list(c['seeds'])} of the per-seed difference, ± its standard error.",
