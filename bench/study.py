@@ -24,7 +24,8 @@ from pathlib import Path
 from broadface.fileio import atomic_write_json
 from broadface.study import costs, markdown
 from broadface.study.plan import PARTS, StudyConfig, plan
-from broadface.study.runs import RunSpec, from_demo, run
+from broadface.demo import study_records
+from broadface.study.runs import RunSpec, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def _import_demo(data: dict, path: Path) -> None:
     have = {(RunSpec.from_dict(r["spec"]).pair_key(), r["spec"]["queue"], r["spec"]["compensate"], r["spec"]["seed"])
             for r in data["runs"]}
     added = 0
-    for r in from_demo(json.loads(path.read_text()), source=str(path)):
+    for r in study_records(json.loads(path.read_text()), source=str(path)):
         s = RunSpec.from_dict(r["spec"])
         if (s.pair_key(), s.queue, s.compensate, s.seed) not in have:
             data["runs"].append(r)

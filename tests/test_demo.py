@@ -56,10 +56,11 @@ def test_demo_micro(tmp_path, root, capsys):
 
 def test_the_study_can_take_the_demos_runs_as_its_sweep_arms(tmp_path, root):
     """A demo arm imported into the study re-runs from its reconstructed spec to the same Recall@1."""
-    from broadface.study.runs import RunSpec, from_demo, run
+    from broadface.demo import study_records
+    from broadface.study.runs import RunSpec, run
 
     summary = run_demo(DemoConfig(output=str(tmp_path), threads=1, faces=False, **{**MICRO, "seeds": [1]}))
-    records = from_demo(summary, source="results.json")
+    records = study_records(summary, source="results.json")
     assert {(r["spec"]["queue"], r["spec"]["seed"], r["spec"]["part"]) for r in records} == {(0, 1, "sweep"),
                                                                                           (64, 1, "sweep")}
     broad = next(r for r in records if r["spec"]["queue"])

@@ -78,20 +78,42 @@ def _say(cfg: DemoConfig, text: str) -> None:
 # ----------------------------------------------------------------------------- many classes: Omniglot
 
 
+def omniglot_spec(cfg: DemoConfig, seed: int = 0, queue: int = 0, curve: bool = False):
+    """The study's RunSpec of one many-class arm (``curve``: with the learning curve, as the first seed)."""
+    from broadface.study.runs import RunSpec
+
+    every = max(1, cfg.omniglot_steps // cfg.curve_points) if curve and cfg.curve_points else 0
+    return RunSpec(part="demo", seed=seed, queue=queue, steps=cfg.omniglot_steps, batch=cfg.omniglot_batch,
+                   classes=cfg.omniglot_classes, test_classes=cfg.omniglot_test_classes, width=cfg.omniglot_width,
+                   dim=cfg.omniglot_dim, eval_every=every)
+
+
+def study_records(results: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    """The many-class runs of a demo's results.json as ``sweep`` records of the study (bench/study.py
+    ``--import-demo``): the same specs the demo ran, so a study need not train them twice. Each record keeps
+    ``source`` (the file it came from) and the demo's thread count (it changes the floating-point sums, so
+    runs to be compared bit for bit need the same)."""
+    cfg, om = DemoConfig(**results["config"]), results["omniglot"]
+    out = []
+    for arm in om["arms"].values():
+        for seed, r in arm["runs"].items():
+            spec = replace(omniglot_spec(cfg, int(seed), arm["queue"], curve=bool(r.get("curve"))), part="sweep")
+            out.append({"spec": asdict(spec), "key": spec.key(), **r, "num_classes": om["classes"], "errors": [],
+                        "source": source, "threads": cfg.threads})
+    return out
+
+
 def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
     """ArcFace vs BroadFace from scratch on full Omniglot, per seed; the paired difference."""
     from broadface.metrics.paired import paired_difference
     from broadface.study.report import expected_classes_per_batch
-    from broadface.study.runs import RunSpec, run, train_set
+    from broadface.study.runs import run, train_set
 
-    base = RunSpec(part="demo", seed=0, steps=cfg.omniglot_steps, batch=cfg.omniglot_batch,
-                   classes=cfg.omniglot_classes, test_classes=cfg.omniglot_test_classes, width=cfg.omniglot_width,
-                   dim=cfg.omniglot_dim)
+    base = omniglot_spec(cfg)
     arms: dict[str, dict[int, dict]] = {"ArcFace": {}, "BroadFace": {}}
     for i, seed in enumerate(cfg.seeds):
-        every = max(1, cfg.omniglot_steps // cfg.curve_points) if i == 0 and cfg.curve_points else 0
         for arm, queue in (("ArcFace", 0), ("BroadFace", cfg.omniglot_queue)):
-            spec = replace(base, seed=seed, queue=queue, eval_every=every)
+            spec = omniglot_spec(cfg, seed, queue, curve=i == 0)
             _say(cfg, f"== many classes: {arm} (queue {queue}), seed {seed}, {spec.steps} steps × {spec.batch}")
             arms[arm][seed] = run(spec, threads=cfg.threads)
             _say(cfg, f"   Recall@1 {arms[arm][seed]['recall@1']:.4f} ({arms[arm][seed]['wall_s']:.0f} s)")

@@ -169,23 +169,3 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
             "fill": int(tr.head.queue.fill) if spec.queue else 0, "num_classes": tr.num_classes,
             "curve": curve, "errors": errors, "losses": losses}
 
-
-def from_demo(results: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    """The many-class runs of a ``broadface demo`` results.json as ``sweep`` records of the study.
-
-    The demo's Omniglot arms are the sweep's queue-0 and compensated-queue arms with the same recipe
-    (RunSpec defaults), so a study may take them instead of training them twice; each record keeps
-    ``source`` (the file it came from), the demo's thread count (it changes the floating-point sums, so
-    runs to be compared bit for bit need the same) and the demo's own curve resolution in its spec."""
-    om, cfg = results["omniglot"], results["config"]
-    out = []
-    for arm in om["arms"].values():
-        for seed, r in arm["runs"].items():
-            every = max(1, cfg["omniglot_steps"] // cfg["curve_points"]) if r.get("curve") else 0
-            spec = RunSpec(part="sweep", seed=int(seed), queue=arm["queue"], steps=cfg["omniglot_steps"],
-                           batch=cfg["omniglot_batch"], classes=cfg["omniglot_classes"],
-                           test_classes=cfg["omniglot_test_classes"], width=cfg["omniglot_width"],
-                           dim=cfg["omniglot_dim"], eval_every=every)
-            out.append({"spec": asdict(spec), "key": spec.key(), **r, "num_classes": om["classes"], "errors": [],
-                        "source": source, "threads": cfg["threads"]})
-    return out
