@@ -42,10 +42,24 @@ def _warm_path(work: Path, spec: RunSpec) -> Path:
     return work / f"warm_{hashlib.sha256(spec.key().encode()).hexdigest()[:16]}.pt"
 
 
+def reuse(todo: list[RunSpec], data: dict, threads: int) -> list[RunSpec]:
+    """Record each planned run that another part already trained (same spec but the part, same thread count:
+    the thread count alone moves a run) from that run; return the runs left to train."""
+    trained = {(RunSpec.from_dict(r["spec"]).trained_key(), r["threads"]): r for r in data["runs"] if "threads" in r}
+    left = []
+    for s in todo:
+        r = trained.get((s.trained_key(), threads))
+        if r is None:
+            left.append(s)
+        else:
+            data["runs"].append({**r, "spec": asdict(s), "key": s.key(), "same_as": r["spec"]["part"]})
+    return left
+
+
 def train_all(specs: list[RunSpec], data: dict, json_path: Path, work: Path, workers: int, threads: int) -> None:
     """Warm starts first, then every arm whose warm start exists, ``workers`` processes at a time."""
     done = {r["key"] for r in data["runs"]}
-    todo = [s for s in specs if s.key() not in done]
+    todo = reuse([s for s in specs if s.key() not in done], data, threads)
     warms = list(dict.fromkeys(w for s in todo if (w := s.warm()) is not None))
     ready = {w for w in warms if _warm_path(work, w).exists()}
     print(f"{len(todo)} of {len(specs)} runs to do ({len(done)} in {json_path}), {len(warms) - len(ready)} warm starts",

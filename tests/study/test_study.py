@@ -1,8 +1,10 @@
 """The study's machinery (bench/study.py) in micro form on the real Omniglot zips."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +64,7 @@ def test_micro_study_end_to_end(tmp_path, root):
     runs = [run(s) for s in arms]
     plain, comp, nocomp = runs
     assert plain["fill"] == 0 and comp["fill"] == 64 and comp["num_classes"] == 40
+    assert plain["threads"] == 1 and 0 < plain["step_ms_median"] <= 1000 * plain["train_s"]
     err = comp["errors"][0]
     assert err["step"] == 6 and len(err["age"]) == 64 == len(err["compensated"]) == len(err["uncompensated"])
     assert sorted(set(err["age"])) == [0, 1, 2, 3]  # 4 enqueue steps of 16 in a queue of 64
@@ -124,3 +127,26 @@ def test_union_and_margin_tables_pair_by_seed():
            "| 0.70× |" in table
     assert "| AdaFace | 2 | 0.6100 ± 0.0141 | 0.6600 ± 0.0141 | 8192 | +5.00 ± 0.00 (n=2) | no | 3.00× |" \
            in markdown.margin_table(data)
+
+
+def test_a_run_planned_by_two_parts_is_trained_once_at_one_thread_count():
+    path = Path(__file__).resolve().parents[2] / "bench" / "study.py"
+    spec = importlib.util.spec_from_file_location("study_cli", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    margins = RunSpec(part="margins", seed=0, queue=8192)
+    data = {"runs": [{**_fake(margins, 0.7), "threads": 1}, _fake(RunSpec(part="margins", seed=1), 0.6)]}
+    union = [replace(margins, part="union"), replace(margins, part="union", seed=1, queue=0),
+             replace(margins, part="union", head=(("union_dtype", "bfloat16"),))]
+    assert study.reuse(union, data, threads=2) == union  # another thread count: trained again
+    assert study.reuse(union, data, threads=1) == union[1:]  # seed 1's record has no thread count: trained again
+    copy = data["runs"][-1]
+    assert copy["key"] == union[0].key() and copy["spec"]["part"] == "union" and copy["same_as"] == "margins"
+    assert copy["recall@1"] == 0.7 and len(data["runs"]) == 3
+
+
+def test_step_ratio_takes_the_median_step_when_both_runs_have_it():
+    arm, base = {0: {"step_ms": 30.0, "step_ms_median": 20.0}}, {0: {"step_ms": 10.0, "step_ms_median": 10.0}}
+    assert report.step_ratio(arm, base) == pytest.approx(2.0)
+    del base[0]["step_ms_median"]
+    assert report.step_ratio(arm, base) == pytest.approx(3.0)

@@ -69,11 +69,13 @@ def head_gain(runs: list[dict], part: str, group: str, queue: int, head: tuple, 
 
 
 def step_ratio(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
-    """Mean over shared seeds of the arm's ms per step over the base arm's (each run's own timing)."""
+    """Mean over shared seeds of the arm's ms per step over the base arm's (each run's own timing: the median
+    step where both runs recorded it, else the mean)."""
     seeds = sorted(set(arm) & set(base))
     if not seeds:
         return None
-    return float(np.mean([arm[s]["step_ms"] / base[s]["step_ms"] for s in seeds]))
+    key = "step_ms_median" if all("step_ms_median" in r[s] for r in (arm, base) for s in seeds) else "step_ms"
+    return float(np.mean([arm[s][key] / base[s][key] for s in seeds]))
 
 
 def expected_classes_per_batch(counts: np.ndarray, batch: int) -> float:

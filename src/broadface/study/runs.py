@@ -12,6 +12,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from statistics import median
 from typing import Any
 
 import torch
@@ -53,6 +54,10 @@ class RunSpec:
     def key(self) -> str:
         """Stable identity of the run (what a resumed study skips)."""
         return json.dumps(asdict(self), sort_keys=True)
+
+    def trained_key(self) -> str:
+        """What the trained model depends on: the key without the part (two parts may plan the same run)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "part"}, sort_keys=True)
 
     def pair_key(self, also: tuple[str, ...] = ()) -> str:
         """Identity of the pair: every field except the queue and compensation (and the fields ``also``, e.g.
@@ -137,20 +142,20 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
     """Train ``spec`` (from ``init``, the warm-start checkpoint, if any) and evaluate it.
 
     Returns a JSON-ready record: the spec, Recall@K, train seconds and ms per step (the training step
-    only), the queue fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state
+    only; mean and median, the median robust to a pause or a burst of load), the thread count, the queue fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state
     (a warm start's checkpoint for its arms)."""
     torch.set_num_threads(threads)
     test = omniglot("test", spec.size, 1, spec.test_classes)
     tr = _trainer(spec, init)
     track = bool(spec.error_steps and spec.queue)
     curve, errors, losses = [], [], []
-    train_s, t0 = 0.0, time.perf_counter()
+    step_s, t0 = [], time.perf_counter()
     if spec.eval_every:
         curve.append((0, evaluate(tr.model, test)["recall@1"]))
     for step in range(1, spec.steps + 1):
         ts = time.perf_counter()
         stats = tr.train_step()
-        train_s += time.perf_counter() - ts
+        step_s.append(time.perf_counter() - ts)
         if step % max(1, spec.steps // 50) == 0 or step == spec.steps:  # a host sync, every 2 % of the run
             tr.check_finite()
             s = stats.as_dict()
@@ -164,8 +169,10 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
         from broadface.fileio import atomic_torch_save
 
         atomic_torch_save(tr.state_dict(), save)
+    train_s = sum(step_s)
     return {"spec": asdict(spec), "key": spec.key(), **evaluate(tr.model, test), "train_s": round(train_s, 2),
-            "step_ms": round(1000 * train_s / spec.steps, 2), "wall_s": round(time.perf_counter() - t0, 2),
+            "step_ms": round(1000 * train_s / spec.steps, 2), "step_ms_median": round(1000 * median(step_s), 2),
+            "threads": threads, "wall_s": round(time.perf_counter() - t0, 2),
             "fill": int(tr.head.queue.fill) if spec.queue else 0, "num_classes": tr.num_classes,
             "curve": curve, "errors": errors, "losses": losses}
 
