@@ -142,8 +142,9 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
     """Train ``spec`` (from ``init``, the warm-start checkpoint, if any) and evaluate it.
 
     Returns a JSON-ready record: the spec, Recall@K, train seconds and ms per step (the training step
-    only; mean and median, the median robust to a pause or a burst of load), the thread count, the queue fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state
-    (a warm start's checkpoint for its arms)."""
+    only; mean and median, the median robust to a pause or a burst of load), the thread count, the queue
+    fill, the learning curve and the Fig. 5a errors. ``save`` writes the final state (a warm start's
+    checkpoint for its arms)."""
     torch.set_num_threads(threads)
     test = omniglot("test", spec.size, 1, spec.test_classes)
     tr = _trainer(spec, init)
