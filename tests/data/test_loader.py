@@ -119,5 +119,8 @@ def test_collate_matches_default_collate(faces):
     x, y = collate_images(items)
     ref_x, ref_y = default_collate(items)
     assert torch.equal(x, ref_x) and torch.equal(y, ref_y) and y.dtype == torch.int64
+    pixels = [(torch.full((3, 2, 2), i, dtype=torch.uint8), i) for i in range(3)]
+    x, y = collate_images(pixels)
+    assert x.dtype == torch.uint8 and torch.equal(x, default_collate(pixels)[0]) and y.tolist() == [0, 1, 2]
     odd = [(torch.zeros(2, dtype=torch.float64), 1), (torch.ones(2, dtype=torch.float64), 2)]
     assert collate_images(odd)[0].dtype == torch.float64  # falls back to default_collate

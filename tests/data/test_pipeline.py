@@ -12,7 +12,8 @@ from PIL import Image
 
 from broadface.data.folder import FaceFolder
 from broadface.data.images import decode_image, read_rgb
-from broadface.data.pipeline import Preprocessing, load_images, normalize, resize, resize_batch
+from broadface.data.pipeline import (Preprocessing, load_images, normalize, normalize_batch, pixels_chw, resize,
+                                     resize_batch)
 from broadface.data.seeding import generator_for
 from broadface.data.transforms import EvalTransform, TrainTransform
 from broadface.eval.images import EvalImages
@@ -93,6 +94,24 @@ def test_normalisation_values_mean_std_and_channel_order():
     np.testing.assert_allclose(bgr[:, 0, 0], [(30 - 1) / 2, (20 - 2) / 4, (10 - 3) / 6], rtol=1e-6)
     gray = normalize(Image.fromarray(img).convert("L"))
     assert gray.shape == (1, 2, 2)
+
+
+def test_batch_normalisation_of_pixels_equals_the_per_image_path_bit_for_bit(raw_file):
+    rgb = read_rgb(raw_file)
+    images = [rgb, rgb[::-1].copy(), np.full_like(rgb, 255), np.zeros_like(rgb)]
+    pixels = torch.stack([pixels_chw(a) for a in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, *rgb.shape[:2])
+    assert torch.equal(pixels[0], torch.from_numpy(rgb).permute(2, 0, 1))
+    for mean, std in (((127.5,) * 3, (127.5,) * 3), ((123.7, 116.3, 103.5), (58.4, 57.1, 57.4))):
+        want = torch.stack([normalize(a, mean, std) for a in images])
+        got = normalize_batch(pixels, mean, std)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert torch.equal(normalize_batch(pixels_chw(gray)[None]), normalize(gray)[None])
+    with pytest.raises(ValueError, match="uint8 batch"):
+        normalize_batch(pixels.float())
+    with pytest.raises(ValueError, match="uint8 batch"):
+        normalize_batch(pixels[0])
 
 
 def test_preprocessing_validates_and_describes():

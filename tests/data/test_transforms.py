@@ -61,6 +61,20 @@ def test_picklable_and_validated(face):
         FaceTransform(112, channels=2)
 
 
+@pytest.mark.parametrize("kw", [dict(size=28, flip_p=0.5), dict(size=56, flip_p=0.5, mask_prob=0.5),
+                                dict(size=28, channels=1)])
+def test_pixels_are_the_same_view_before_normalisation(face, kw):
+    """FaceTransform(pixels=True) makes the same random choices and hands out the uint8 view that
+    normalises (a batch at a time) to the float view, bit for bit."""
+    from broadface.data.pipeline import normalize_batch
+
+    for i in range(12):
+        floats = FaceTransform(**kw)(face, generator=generator_for("p", i))
+        pixels = FaceTransform(**kw, pixels=True)(face, generator=generator_for("p", i))
+        assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape
+        assert torch.equal(normalize_batch(pixels[None])[0], floats)
+
+
 def test_flip_helper_batches():
     x = torch.arange(24.0).reshape(1, 2, 3, 4)
     assert torch.equal(flip(x)[0, 1, 2], torch.tensor([23.0, 22.0, 21.0, 20.0]))

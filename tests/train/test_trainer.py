@@ -371,3 +371,29 @@ def test_diagnostics_queue_holds_the_sample_ids_of_the_last_steps(faces, make_co
     assert d.ids.tolist() == order[12:32].tolist()  # 4 steps x 8 pushed, the newest 20 kept, oldest first
     assert d.ages.tolist() == [2] * 4 + [1] * 8 + [0] * 8
     assert d.labels.tolist() == [faces.targets[i] for i in d.ids.tolist()]
+
+
+def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, make_config):
+    """The configured data sets hand the step uint8 pixels (normalised there, a batch at a time): the same run,
+    bit for bit, as the same images injected as float tensors."""
+    from broadface.data import FaceFolder, FaceTransform
+    from broadface.data.folder import list_classes, list_images
+    from broadface.paths import data_root
+
+    src = data_root() / "celeba299" / "aligned-112x112"
+    for c in sorted(list_classes(src), key=int)[:6]:
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for f in list_images(src / c)[:4]:
+            (tmp_path / "train" / c / f).symlink_to(src / c / f)
+    opts = ["data.name=folder", f"data.root={tmp_path / 'train'}", "train.steps=4", "head.queue_size=16"]
+    configured = Trainer(make_config(None, *opts), progress=False)
+    images, _ = next(iter(configured._loader(0, 0)))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 28, 28)
+    a = configured.fit()
+    floats = FaceFolder(tmp_path / "train", FaceTransform(28, flip_p=0.5))
+    injected = Trainer(make_config(None, *opts), train_set=floats, progress=False)
+    assert next(iter(injected._loader(0, 0)))[0].dtype == torch.float32
+    b = injected.fit()
+    assert len(a.history) == 4 and [r["batch_loss"] for r in a.history] == [r["batch_loss"] for r in b.history]
+    assert_same_state(configured.model.state_dict(), injected.model.state_dict(), "backbone")
+    assert_same_state(configured.head.state_dict(), injected.head.state_dict(), "head")

@@ -54,8 +54,10 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
     if name is None:
         name = "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
     try:
-        fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-        with Image.open(fp) as im:
+        if not isinstance(src, (bytes, bytearray, memoryview)):
+            with open(src, "rb") as f:  # one read: Pillow parsing a file object reads it in many small pieces
+                src = f.read()
+        with Image.open(io.BytesIO(src)) as im:
             im.load()
             return _as_mode(_upright(im), mode)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...

@@ -87,16 +87,16 @@ class SeededDataset(Dataset):
 
 
 def collate_images(batch: list) -> Any:
-    """``[(CHW float tensor, int label), ...]`` -> ``(N,C,H,W images, int64 labels)``.
+    """``[(CHW float32 or uint8 tensor, int label), ...]`` -> ``(N,C,H,W images, int64 labels)``.
 
     In the main process images are stacked with NumPy: ``torch.stack`` of many small images
     goes through torch's thread pool and was ~4x slower on a busy 2-core machine. Inside
     workers (and for any other item shape) it is ``default_collate``, which writes straight
     into shared memory.
     """
-    if get_worker_info() is None and all(
-        isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], torch.Tensor) and b[0].dtype == torch.float32
-        and isinstance(b[1], int) for b in batch
+    if get_worker_info() is None and batch and all(
+        isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], torch.Tensor)
+        and b[0].dtype == batch[0][0].dtype in (torch.float32, torch.uint8) and isinstance(b[1], int) for b in batch
     ):
         return torch.from_numpy(np.stack([b[0].numpy() for b in batch])), torch.tensor([b[1] for b in batch])
     return default_collate(batch)

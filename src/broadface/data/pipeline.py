@@ -28,8 +28,8 @@ Size = Union[int, Sequence[int]]
 DEFAULT_MEAN = (127.5, 127.5, 127.5)
 DEFAULT_STD = (127.5, 127.5, 127.5)
 
-__all__ = ["Preprocessing", "resize", "normalize", "size_hw", "resize_batch", "load_images", "DEFAULT_MEAN",
-           "DEFAULT_STD"]
+__all__ = ["Preprocessing", "resize", "normalize", "normalize_batch", "pixels_chw", "size_hw", "resize_batch",
+           "load_images", "DEFAULT_MEAN", "DEFAULT_STD"]
 
 
 def size_hw(size: Size) -> tuple[int, int]:
@@ -78,6 +78,31 @@ def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_M
     np.divide(x, s, out=x)
     np.subtract(x, m, out=x)
     return torch.from_numpy(x)
+
+
+def pixels_chw(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """H x W (x C) uint8 image -> uint8 C x H x W tensor: the pixels :func:`normalize` would read, not yet
+    normalised (the training loader's fast path; :func:`normalize_batch` finishes the batch)."""
+    arr = np.asarray(image, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def normalize_batch(pixels: torch.Tensor, mean: Sequence[float] = DEFAULT_MEAN,
+                    std: Sequence[float] = DEFAULT_STD) -> torch.Tensor:
+    """N x C x H x W uint8 batch (of :func:`pixels_chw`) -> float32, on its own device: the same arithmetic as
+    :func:`normalize` (``x / std - mean / std`` in float32), so the result is the same bit for bit.
+
+    One vectorised op per batch instead of one per image, and on a GPU the batch crosses to the device
+    as uint8 (a quarter of the bytes)."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4:
+        raise ValueError(f"normalize_batch: expected an N x C x H x W uint8 batch, got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
+    c = pixels.shape[1]
+    s = torch.tensor(std[:c], dtype=torch.float32, device=pixels.device).view(1, c, 1, 1)
+    m = torch.tensor(mean[:c], dtype=torch.float32, device=pixels.device).view(1, c, 1, 1) / s
+    return pixels.float().div_(s).sub_(m)
 
 
 @dataclass(frozen=True)

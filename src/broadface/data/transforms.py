@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from broadface.data.pipeline import normalize, resize, size_hw
+from broadface.data.pipeline import normalize, pixels_chw, resize, size_hw
 
 Size = Union[int, tuple[int, int], None]
 
@@ -39,12 +39,18 @@ class FaceTransform:
     to ``channels`` (3 = RGB, 1 = grayscale) and normalise to [-1, 1].
 
     Every random choice comes from ``generator`` in the order of :meth:`draw` (mask seed, then
-    flip), so a per-sample generator makes masks and flips reproducible."""
+    flip), so a per-sample generator makes masks and flips reproducible.
+
+    ``pixels=True`` stops before the normalisation: a uint8 C x H x W tensor, which the consumer
+    normalises a batch at a time (:func:`~broadface.data.pipeline.normalize_batch`, the same floats
+    bit for bit). The trainer's loader does this: a quarter of the bytes to collate and move, and
+    one vectorised op per batch instead of one per image."""
 
     size: Size = 112
     flip_p: float = 0.0
     channels: int = 3
     mask_prob: float = 0.0
+    pixels: bool = False
 
     accepts_generator = True  # class attribute: __call__ takes ``generator=``
 
@@ -81,7 +87,7 @@ class FaceTransform:
             img = resize(img, self.size)
         if flipped:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return normalize(img)
+        return pixels_chw(img) if self.pixels else normalize(img)
 
 
 @dataclass(frozen=True)

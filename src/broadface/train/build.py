@@ -92,7 +92,8 @@ def build_datasets(cfg: DataConfig, input_size: int) -> tuple[Dataset, Dataset |
     """(train, validation or None) with the training (flip) and evaluation transforms."""
     from broadface.data.transforms import EvalTransform, FaceTransform
 
-    train_tf = FaceTransform(size=input_size, flip_p=0.5 if cfg.flip else 0.0, mask_prob=cfg.mask_prob)
+    train_tf = FaceTransform(size=input_size, flip_p=0.5 if cfg.flip else 0.0, mask_prob=cfg.mask_prob,
+                             pixels=True)  # uint8 batches: the step normalises them on its device
     eval_tf = EvalTransform(size=input_size)
     if cfg.name in ("folder", "recordio"):
         from broadface.data.folder import FaceFolder
