@@ -10,8 +10,9 @@ packed as RecordIO, with 0, 1 and 2 workers, in two forms: ``uint8`` is what the
 (``FaceTransform(pixels=True)``: uint8 batches, normalised once per batch by ``normalize_batch``, counted
 here) and ``float`` the per-image float tensors of ``FaceTransform()``; beside the raw JPEG decode rate of
 the same files (PIL open + RGB + load in this process, nothing else) and beside the rate at which a backbone
-consumes images in training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet). Loader and raw rows
-are interleaved over rounds so machine load affects all alike; each value is the median over rounds.
+consumes images in training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet).
+Loader and raw rows are interleaved over rounds so machine load affects all alike; each value is the median
+over rounds.
 """
 from __future__ import annotations
 
