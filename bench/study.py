@@ -93,7 +93,8 @@ def train_all(specs: list[RunSpec], data: dict, json_path: Path, work: Path, wor
                     data["runs"].append(res)
                 data["wall_s"] = data.get("wall_s_before", 0) + time.perf_counter() - t0
                 atomic_write_json(json_path, data, indent=None)
-                print(f"[{time.perf_counter() - t0:6.0f} s] {kind} {spec.part} seed {spec.seed} C={res['num_classes']} "
+                print(f"[{time.perf_counter() - t0:6.0f} s] {kind} {spec.part} {spec.loss} {dict(spec.head) or ''} "
+                      f"seed {spec.seed} C={res['num_classes']} "
                       f"B={spec.batch} Q={spec.queue}{'' if spec.compensate else ' no-comp'} lr={spec.lr:g}: "
                       f"R@1 {res['recall@1']:.4f} ({res['wall_s']:.0f} s)", flush=True)
 

@@ -12,7 +12,7 @@ count predicts (below), over the classes the step used.
 
     python bench/train.py --quick                                  # mobilefacenet 56x56, C=10k: minutes
     python bench/train.py --model mobilefacenet --size 112 --classes 85742
-    python bench/train.py --model iresnet50 --size 112 --batch 32 --classes 85742
+    python bench/train.py --model iresnet50 --size 112 --classes 85742 --micro-batch 32 --same-process
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def build_trainer(args: argparse.Namespace, queue: int, union_dtype: str, sample
         f"model.name={args.model}", f"model.input_size={args.size}", f"model.embedding_size={args.dim}",
         f"head.queue_size={queue}", f"train.batch_size={args.batch}", f"train.device={args.device}",
         f"train.steps={10**6}", "train.output=null", "data.val_split=null", "optim.lr=0.01",
-        f"head.union_dtype={union_dtype}", f"head.sample_rate={sample_rate}", f"train.amp={args.amp}"])
+        f"head.union_dtype={union_dtype}", f"head.sample_rate={sample_rate}", f"train.amp={args.amp}",
+        f"train.micro_batch={args.micro_batch or 'null'}"])
     data = RandomFaces(args.batch * 8, args.size, args.classes)
     trainer = Trainer(cfg, train_set=data, num_classes=args.classes, progress=False)
     if queue:
@@ -142,6 +143,8 @@ def run_config(args: argparse.Namespace, union: str) -> dict:
            "--union-dtype", dtype, "--sample-rate", str(rate)]
     for k in ("model", "size", "dim", "batch", "classes", "steps", "warmup", "device", "threads", "amp"):
         cmd += [f"--{k}", str(getattr(args, k))]
+    if args.micro_batch:
+        cmd += ["--micro-batch", str(args.micro_batch)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["?"])[-1]
@@ -164,6 +167,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10_000)
     p.add_argument("--queue", type=int, default=8192)
     p.add_argument("--unions", nargs="+", choices=list(UNIONS), default=list(UNIONS))
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="train.micro_batch: the encoder's forward/backward in pieces (memory; iResNet-50 at B=128)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="train.amp of the encoder")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per run (the queue starts full)")
@@ -188,8 +193,8 @@ def main() -> None:
     import os
 
     print(f"# {args.model} {args.size}x{args.size}, D={args.dim}, B={args.batch}, C={args.classes}, Q={args.queue}, "
-          f"amp={args.amp}, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, "
-          f"device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.1f}")
+          f"amp={args.amp}, micro-batch {args.micro_batch}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.rounds} rounds, device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.1f}")
     if args.same_process:
         runs = interleaved(args)
     else:
