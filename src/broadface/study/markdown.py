@@ -211,7 +211,7 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
               *img("errors", "compensation error")]
     parts += _family_sections(data)
     if data.get("fig6"):
-        parts += ["## 5. Memory (cf. paper Fig. 6)", "", fig6_table(data["fig6"]), "", *img("fig6", "memory")]
+        parts += ["## 7. Memory (cf. paper Fig. 6)", "", fig6_table(data["fig6"]), "", *img("fig6", "memory")]
     parts += _distill_section(results.parent / "distill" / "results.json")
     notes = results.parent / "study_notes.md"
     parts += ["---", "", notes.read_text().strip() if notes.exists() else "", ""]
@@ -257,27 +257,25 @@ def _sources(runs: list[dict]) -> list[str]:
 
 
 def _family_sections(data: dict) -> list[str]:
-    """The margin family with and without the queue, and the union's speed settings (when they were run)."""
-    c, parts, out = data["config"], {RunSpec.from_dict(r["spec"]).part for r in data["runs"]}, []
-    if "margins" in parts:
-        out += ["## Margins with the queue (issue 13)", "",
-                f"From scratch as the sweep ({c['steps']} steps, 964 classes, batch 128): each margin without a "
-                f"queue and with {c.get('margin_queue', '?')}, paired by seed (the arms of a margin share the "
-                "seed's initialisation and data order). AdaFace and MagFace at their papers' parameters, the "
-                "others with the base's m; `step time` is the ratio of each run's own ms per step (the runs shared "
-                "the machine), mean over seeds.", "", margin_table(data), ""]
-    if "union" in parts:
-        out += ["## The union's speed settings and accuracy (issue 15)", "",
-                "The bf16 union (`head.union_dtype=bfloat16`) and the sampled union (`head.sample_rate`) against "
-                "the fp32 union with the same queue, paired by seed. Sampling keeps every positive of batch and "
-                "queue, so it has negatives to drop only where the classes far outnumber the union: 3,856 rotation "
-                f"classes with queue {c.get('union_sampled_queue', '?')}.", "", union_table(data), ""]
+    """The margin family with and without the queue, and the union's speed settings."""
+    c, runs = data["config"], data["runs"]
+    out = ["## 5. The margin family with the queue (issue 13)", ""] + _unless_run(runs, "margins", [
+           f"From scratch as the sweep ({c['steps']} steps, 964 classes, batch 128): each margin without a "
+           f"queue and with {c.get('margin_queue', '?')}, paired by seed (the arms of a margin share the "
+           "seed's initialisation and data order). AdaFace and MagFace at their papers' parameters, the "
+           "others with the base's m; `step time` is the ratio of the two runs' median ms per step (each run's "
+           "own timing; the runs shared the machine two at a time), mean over seeds.", "", margin_table(data), ""])
+    out += ["## 6. The union's speed settings and accuracy (issue 15)", ""] + _unless_run(runs, "union", [
+            "The bf16 union (`head.union_dtype=bfloat16`) and the sampled union (`head.sample_rate`) against "
+            "the fp32 union with the same queue, paired by seed. Sampling keeps every positive of batch and "
+            "queue, so it has negatives to drop only where the classes far outnumber the union: 3,856 rotation "
+            f"classes with queue {c.get('union_sampled_queue', '?')}.", "", union_table(data), ""])
     return out
 
 
 def _distill_section(path: Path) -> list[str]:
     """The BigFace distillation table from the JSON that ``bench/distill.py --json`` wrote."""
-    head = ["## 6. BigFace distillation and masked faces (bench/distill.py)", ""]
+    head = ["## 8. BigFace distillation and masked faces (bench/distill.py)", ""]
     if not path.exists():
         return head + ["(not run: `python bench/distill.py --json docs/distill/results.json`)", ""]
     r = json.loads(path.read_text())
