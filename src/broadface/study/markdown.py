@@ -158,7 +158,8 @@ def _setup_lines(data: dict) -> list[str]:
         f"torch threads per run as each command above says (`--threads`, default 1; the demo's runs: 2).",
         "- Metric: Recall@K, every evaluation image querying the other 13,179 (cosine, no flip).",
         f"- Pairs: the arms of a seed share initialisation and data order (and the warm start), so every gain is "
-        f"the mean over seeds {list(c['seeds'])} of the per-seed difference, ± its standard error.",
+        f"the mean over the seeds of the pair ({sorted({r['spec']['seed'] for r in data['runs']})} in this report; "
+        "each table gives n) of the per-seed difference, ± its standard error.",
         "- Cost: `step time vs queue 0` is the training step (forward, backward, SGD; the queue full) of that "
         "configuration against the same configuration without a queue, timed side by side in one process "
         "(interleaved rounds, median); `step MB` the peak memory of a step in a fresh process.",
