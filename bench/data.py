@@ -7,7 +7,7 @@ Prints two tables. The first: time to list LFW (13,233 files, nothing decoded), 
 zips, to pack CelebA-299 (6,300 JPEGs) into RecordIO and to scan its labels. The second: decoded images/s of
 the training loader (112x112 train transform, batch 64) over the CelebA-299 folder and the same images
 packed as RecordIO, with 0, 1 and 2 workers, in two forms: ``uint8`` is what the trainer loads
-(``FaceTransform(pixels=True)``: uint8 batches, normalised once per batch by ``normalize_batch``, counted
+(``FaceTransform(pixels=True)``: uint8 batches, normalised once per batch by ``BatchNormalizer``, counted
 here) and ``float`` the per-image float tensors of ``FaceTransform()``; beside the raw JPEG decode rate of
 the same files (PIL open + RGB + load in this process, nothing else) and beside the rate at which a backbone
 consumes images in training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet).
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from broadface.data import FaceFolder, RecordIODataset, TrainTransform, make_loader, open_dataset, pack_folder
-from broadface.data.pipeline import normalize_batch
+from broadface.data.pipeline import BatchNormalizer
 from broadface.paths import data_root
 
 
@@ -44,12 +44,12 @@ def throughput(ds, images: int, workers: int, batch: int = 64) -> float:
     """Steady images/s out of the loader, as float32 batches (uint8 batches normalised here, as the step does).
 
     The clock starts at the first batch: the workers' start-up (once per epoch in training) is not counted."""
-    it = iter(make_loader(ds, batch, seed=0, num_workers=workers, drop_last=True))
+    it, normalize = iter(make_loader(ds, batch, seed=0, num_workers=workers, drop_last=True)), BatchNormalizer()
     next(it)
     t, n = time.perf_counter(), 0
     for x, _ in it:
         if x.dtype == torch.uint8:
-            x = normalize_batch(x)
+            x = normalize(x)
         n += len(x)
         if n >= images:
             break

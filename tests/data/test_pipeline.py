@@ -114,6 +114,21 @@ def test_batch_normalisation_of_pixels_equals_the_per_image_path_bit_for_bit(raw
         normalize_batch(pixels[0])
 
 
+def test_batch_normalizer_builds_its_constants_once_per_device_and_channels(monkeypatch):
+    """A step's normaliser keeps its constants (on a GPU each build is a synchronising host-to-device copy)."""
+    from broadface.data import pipeline
+
+    built = []
+    real = pipeline._batch_constants
+    monkeypatch.setattr(pipeline, "_batch_constants", lambda *a: built.append(a[2:]) or real(*a))
+    norm = pipeline.BatchNormalizer()
+    rgb, gray = torch.full((2, 3, 4, 4), 200, dtype=torch.uint8), torch.zeros((2, 1, 4, 4), dtype=torch.uint8)
+    out = [(norm(rgb), norm(gray)) for _ in range(3)]
+    assert built == [(3, torch.device("cpu")), (1, torch.device("cpu"))]
+    for a, b in out:
+        assert torch.equal(a, normalize_batch(rgb)) and torch.equal(b, normalize_batch(gray))
+
+
 def test_preprocessing_validates_and_describes():
     pre = Preprocessing(112)
     assert pre.size == (112, 112) and pre.describe() == "112x112 RGB, (x - 127.5) / 127.5"

@@ -373,10 +373,10 @@ def test_diagnostics_queue_holds_the_sample_ids_of_the_last_steps(faces, make_co
     assert d.labels.tolist() == [faces.targets[i] for i in d.ids.tolist()]
 
 
-def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, make_config):
-    """The configured data sets hand the step uint8 pixels (normalised there, a batch at a time): the same run,
-    bit for bit, as the same images injected as float tensors."""
-    from broadface.data import FaceFolder, FaceTransform
+def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, make_config, monkeypatch):
+    """The configured data sets hand the step uint8 pixels (normalised there, a batch at a time, with constants
+    built once per run: on a GPU a build syncs): the same run, bit for bit, as the same images injected as floats."""
+    from broadface.data import FaceFolder, FaceTransform, pipeline
     from broadface.data.folder import list_classes, list_images
     from broadface.paths import data_root
 
@@ -389,7 +389,10 @@ def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, ma
     configured = Trainer(make_config(None, *opts), progress=False)
     images, _ = next(iter(configured._loader(0, 0)))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 28, 28)
+    built, real = [], pipeline._batch_constants
+    monkeypatch.setattr(pipeline, "_batch_constants", lambda *a: built.append(a) or real(*a))
     a = configured.fit()
+    assert len(built) == 1  # four steps, one build
     floats = FaceFolder(tmp_path / "train", FaceTransform(28, flip_p=0.5))
     injected = Trainer(make_config(None, *opts), train_set=floats, progress=False)
     assert next(iter(injected._loader(0, 0)))[0].dtype == torch.float32

@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from broadface.data.pipeline import normalize_batch
+from broadface.data.pipeline import BatchNormalizer
 from broadface.dist import DistContext, all_reduce_, set_grad_sync
 from broadface.heads import check_labels
 from broadface.train.config import Config
@@ -140,6 +140,7 @@ class TrainStep:
     def __init__(self, cfg: Config, parts: Any, ctx: DistContext):
         self.cfg, self.parts, self.ctx = cfg, parts, ctx
         self.guard = UpdateGuard(ctx.device)
+        self.normalize = BatchNormalizer()  # uint8 batches -> floats; its constants stay on the device
 
     def __call__(self, batches: list[Any], step: int) -> StepStats:
         p, t, dev = self.parts, self.cfg.train, self.ctx.device
@@ -158,7 +159,7 @@ class TrainStep:
             set_grad_sync(p.net, i == len(items) - 1)  # DDP: all-reduce on the last micro-step only
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
             if images.dtype == torch.uint8:  # the configured data sets give pixels (FaceTransform(pixels=True))
-                images = normalize_batch(images)
+                images = self.normalize(images)
             parts, emb, kept = self._forward_backward(images, labels, extra, 1.0 / len(items))
             pending.append((emb, labels[kept] if kept is not None else labels,
                             None if ids is None else (ids[kept.cpu()] if kept is not None else ids)))
