@@ -59,6 +59,12 @@ def _per_channel(values: Sequence[float] | float, what: str) -> tuple[float, flo
     return v  # type: ignore[return-value]
 
 
+def _hwc(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The image's uint8 pixels as H x W x C (a grayscale image gets C = 1)."""
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
 def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_MEAN,
               std: Sequence[float] = DEFAULT_STD, bgr: bool = False) -> torch.Tensor:
     """H x W (x C) uint8 image -> float32 C x H x W tensor ``(x - mean) / std``; with ``bgr`` the channels
@@ -66,10 +72,7 @@ def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_M
 
     Per-image arithmetic is NumPy, not torch: torch's intra-op thread pool makes these tiny ops
     ~8x slower on a busy machine when loading in the main process (num_workers=0)."""
-    arr = np.asarray(image, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    x = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+    x = np.ascontiguousarray(_hwc(image).transpose(2, 0, 1), dtype=np.float32)
     if bgr and x.shape[0] == 3:
         x = np.ascontiguousarray(x[::-1])
     c = x.shape[0]
@@ -83,10 +86,7 @@ def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_M
 def pixels_chw(image: Image.Image | np.ndarray) -> torch.Tensor:
     """H x W (x C) uint8 image -> uint8 C x H x W tensor: the pixels :func:`normalize` would read, not yet
     normalised (the training loader's fast path; :func:`normalize_batch` finishes the batch)."""
-    arr = np.asarray(image, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(_hwc(image).transpose(2, 0, 1)))
 
 
 def _batch_constants(mean: Sequence[float], std: Sequence[float], c: int, device: torch.device
