@@ -53,16 +53,18 @@ class RunSpec:
 
     def key(self) -> str:
         """Stable identity of the run (what a resumed study skips)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        return self._fields_json()
 
     def trained_key(self) -> str:
         """What the trained model depends on: the key without the part (two parts may plan the same run)."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "part"}, sort_keys=True)
+        return self._fields_json({"part"})
 
     def pair_key(self, also: tuple[str, ...] = ()) -> str:
         """Identity of the pair: every field except the queue and compensation (and the fields ``also``, e.g.
         ``("head",)`` to pair arms that differ in their head settings, such as the union's dtype)."""
-        skip = set(PAIR_FIELDS) | {"eval_every", "error_steps"} | set(also)
+        return self._fields_json(set(PAIR_FIELDS) | {"eval_every", "error_steps"} | set(also))
+
+    def _fields_json(self, skip: set[str] = frozenset()) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if k not in skip}, sort_keys=True)
 
     def warm(self) -> RunSpec | None:
