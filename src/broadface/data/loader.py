@@ -94,9 +94,10 @@ def collate_images(batch: list) -> Any:
     workers (and for any other item shape) it is ``default_collate``, which writes straight
     into shared memory.
     """
-    if get_worker_info() is None and batch and all(
-        isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], torch.Tensor)
-        and b[0].dtype == batch[0][0].dtype in (torch.float32, torch.uint8) and isinstance(b[1], int) for b in batch
+    dtype = getattr(batch[0][0], "dtype", None) if batch and isinstance(batch[0], tuple) and batch[0] else None
+    if get_worker_info() is None and dtype in (torch.float32, torch.uint8) and all(
+        isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], torch.Tensor) and b[0].dtype == dtype
+        and isinstance(b[1], int) for b in batch
     ):
         return torch.from_numpy(np.stack([b[0].numpy() for b in batch])), torch.tensor([b[1] for b in batch])
     return default_collate(batch)
