@@ -110,17 +110,22 @@ def test_drop_last_and_bounds(faces):
     assert loader.dataset.classes == faces.classes and loader.batch_sampler.num_batches == len(loader)
 
 
-def test_collate_matches_default_collate(faces):
+def test_collate_matches_default_collate(faces, monkeypatch):
+    """float32 and uint8 image batches take the NumPy path in the main process, with default_collate's result."""
     from torch.utils.data import default_collate
 
+    from broadface.data import loader
     from broadface.data.loader import collate_images
 
     items = [faces[i] for i in range(5)]
-    x, y = collate_images(items)
-    ref_x, ref_y = default_collate(items)
-    assert torch.equal(x, ref_x) and torch.equal(y, ref_y) and y.dtype == torch.int64
     pixels = [(torch.full((3, 2, 2), i, dtype=torch.uint8), i) for i in range(3)]
-    x, y = collate_images(pixels)
-    assert x.dtype == torch.uint8 and torch.equal(x, default_collate(pixels)[0]) and y.tolist() == [0, 1, 2]
+    ref_x, ref_y = default_collate(items)
+    ref_pixels = default_collate(pixels)[0]
+    with monkeypatch.context() as m:  # the fast path never falls back
+        m.setattr(loader, "default_collate", lambda batch: pytest.fail("took default_collate"))
+        x, y = collate_images(items)
+        assert torch.equal(x, ref_x) and torch.equal(y, ref_y) and y.dtype == torch.int64
+        x, y = collate_images(pixels)
+        assert x.dtype == torch.uint8 and torch.equal(x, ref_pixels) and y.tolist() == [0, 1, 2]
     odd = [(torch.zeros(2, dtype=torch.float64), 1), (torch.ones(2, dtype=torch.float64), 2)]
     assert collate_images(odd)[0].dtype == torch.float64  # falls back to default_collate
