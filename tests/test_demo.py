@@ -54,12 +54,24 @@ def test_demo_micro(tmp_path, root, capsys):
     assert "paired BroadFace − ArcFace, Recall@1" in table and "Omniglot: 40 classes" in table
 
 
+def test_many_class_runs_in_parallel_processes_equal_the_same_runs_one_at_a_time(tmp_path, root):
+    """Two workers of one thread each give every (arm, seed) the record one-thread runs in turn give."""
+    kw = {**MICRO, "faces": False, "curve_points": 0}
+    par = run_demo(DemoConfig(output=str(tmp_path / "par"), threads=2, workers=2, **kw))["omniglot"]
+    seq = run_demo(DemoConfig(output=str(tmp_path / "seq"), threads=1, workers=1, **kw))["omniglot"]
+    for arm in ("ArcFace", "BroadFace"):
+        for seed in ("0", "1"):
+            a, b = par["arms"][arm]["runs"][seed], seq["arms"][arm]["runs"][seed]
+            assert (a["recall@1"], a["losses"]) == (b["recall@1"], b["losses"]), (arm, seed)
+    assert par["paired_difference"] == seq["paired_difference"]
+
+
 def test_the_study_can_take_the_demos_runs_as_its_sweep_arms(tmp_path, root):
     """A demo arm imported into the study re-runs from its reconstructed spec to the same Recall@1."""
     from broadface.demo import study_records
     from broadface.study.runs import RunSpec, run
 
-    summary = run_demo(DemoConfig(output=str(tmp_path), threads=1, faces=False, **{**MICRO, "seeds": [1]}))
+    summary = run_demo(DemoConfig(output=str(tmp_path), threads=1, workers=1, faces=False, **{**MICRO, "seeds": [1]}))
     records = study_records(summary, source="results.json")
     assert {(r["spec"]["queue"], r["spec"]["seed"], r["spec"]["part"]) for r in records} == {(0, 1, "sweep"),
                                                                                           (64, 1, "sweep")}

@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="runs/demo", help="where results.json, plots and checkpoints go")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --output")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the many-class track (default 0 1 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="many-class runs in parallel processes (default: 2 where 2 cores exist; threads shared out)")
     p.add_argument("--no-faces", action="store_true", help="only the many-class track")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -31,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(data_root=args.data_root, output=args.output, progress=not args.no_progress, faces=not args.no_faces)
     if args.seeds:
         kw["seeds"] = args.seeds
+    if args.workers is not None:
+        if args.workers < 1:
+            raise CLIError(f"--workers: expected a count ≥ 1, got {args.workers}")
+        kw["workers"] = args.workers
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     try:
         prepare_output(cfg, overwrite=args.overwrite)

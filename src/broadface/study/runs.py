@@ -163,7 +163,7 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
             tr.check_finite()
             s = stats.as_dict()
             losses.append((step, s["batch_loss"], s["union_loss"]))
-        if spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
+        if spec.eval_every and step % spec.eval_every == 0 and step < spec.steps:
             curve.append((step, evaluate(tr.model, test)["recall@1"]))
         if track and step in spec.error_steps:
             errors.append({"step": step, "lr": tr.optimizer.param_groups[0]["lr"],
@@ -173,7 +173,10 @@ def run(spec: RunSpec, init: str | None = None, save: str | None = None, threads
 
         atomic_torch_save(tr.state_dict(), save)
     train_s = sum(step_s)
-    return {"spec": asdict(spec), "key": spec.key(), **evaluate(tr.model, test), "train_s": round(train_s, 2),
+    final = evaluate(tr.model, test)
+    if spec.eval_every:
+        curve.append((spec.steps, final["recall@1"]))  # the curve's last point is the final evaluation
+    return {"spec": asdict(spec), "key": spec.key(), **final, "train_s": round(train_s, 2),
             "step_ms": round(1000 * train_s / spec.steps, 2), "step_ms_median": round(1000 * median(step_s), 2),
             "threads": threads, "wall_s": round(time.perf_counter() - t0, 2),
             "fill": int(tr.head.queue.fill) if spec.queue else 0, "num_classes": tr.num_classes,
