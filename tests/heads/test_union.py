@@ -112,3 +112,30 @@ def test_log_sum_exp_in_a_scratch_buffer_is_torch_logsumexp_bit_for_bit(shape, s
     buf = torch.empty(shape[0] + 4, shape[1])
     got, _ = local_lse(z, z[:, 0], buf[:shape[0]])
     assert torch.equal(got, torch.logsumexp(z, dim=1))
+
+
+def test_lse_softmax_in_place_is_logsumexp_and_softmax():
+    """One exp pass gives both: the row log-sum-exp (recomputed in float64) and the softmax left in z."""
+    from broadface.heads.union import lse_softmax_
+
+    z = torch.randn(40, 3000, generator=torch.Generator().manual_seed(2)) * 30.0
+    z[3, :] = -float("inf")
+    z[3, 7] = 5.0  # a row with one finite entry
+    want_lse, want_p = torch.logsumexp(z.double(), dim=1), torch.softmax(z.double(), dim=1)
+    out = z.clone()
+    got = lse_softmax_(out, need_softmax=True)
+    assert torch.allclose(got.double(), want_lse, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(out.double(), want_p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,passes", [(torch.bfloat16, 1), (torch.float32, 2)])
+def test_low_precision_union_exponentiates_each_chunk_once(monkeypatch, dtype, passes):
+    """The reduced-precision union takes its softmax from the log-sum-exp's exponentials (one exp pass per
+    chunk); the fp32 path keeps its two passes (its bits are pinned by tests/heads/test_default_path.py)."""
+    calls = []
+    real = torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: (calls.append(t.shape), real(t))[1])
+    w, f, y = union_case(0.3)
+    union(w, f, y, dtype)
+    chunks = -(-N // 300)
+    assert len(calls) == passes * chunks
