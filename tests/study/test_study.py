@@ -150,3 +150,23 @@ def test_step_ratio_takes_the_median_step_when_both_runs_have_it():
     assert report.step_ratio(arm, base) == pytest.approx(2.0)
     del base[0]["step_ms_median"]
     assert report.step_ratio(arm, base) == pytest.approx(3.0)
+
+
+def test_regime_table_costs_each_cell_from_its_runs_when_no_side_by_side_timing_exists():
+    """Without a `step_times` measurement the cell's step ratio and gain per extra step-second come from the
+    paired runs' own step times; a measured row takes precedence."""
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.01)):
+        base = RunSpec(part="regime", seed=seed, batch=32, classes=136)
+        runs += [_fake(base, 0.50 + shift, 10.0, classes=136),
+                 _fake(replace(base, queue=8192), 0.53 + shift + 0.01 * seed, 25.0, classes=136)]
+    (cell,) = report.regime_cells(runs)
+    assert cell["step_ratio"] == pytest.approx(2.5) and cell["extra_step_ms"] == pytest.approx(15.0)
+    data = {"runs": runs, "config": asdict(StudyConfig())}
+    # gain +3.5 points (n=2) over 15 ms extra per step: 3.5 / 0.015 = +233.3 points per extra step-second
+    row = next(line for line in markdown.regime_table(data).splitlines() if line.startswith("| 136 | 32 |"))
+    assert "| +3.50 ± 0.50 (n=2) |" in row and row.endswith("| 2.50× | +233.3 |")
+    data["step_times"] = [{"classes": 136, "batch": 32, "queue": q, "step_ms": ms, "vs_q0": ms / 10.0}
+                          for q, ms in ((0, 10.0), (8192, 30.0))]
+    row = next(line for line in markdown.regime_table(data).splitlines() if line.startswith("| 136 | 32 |"))
+    assert row.endswith("| 3.00× | +175.0 |")

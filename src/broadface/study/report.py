@@ -78,6 +78,15 @@ def step_ratio(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
     return float(np.mean([arm[s][key] / base[s][key] for s in seeds]))
 
 
+def extra_step_ms(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
+    """Mean over shared seeds of the ms per step the arm takes beyond the base arm (medians where recorded)."""
+    seeds = sorted(set(arm) & set(base))
+    if not seeds:
+        return None
+    key = "step_ms_median" if all("step_ms_median" in r[s] for r in (arm, base) for s in seeds) else "step_ms"
+    return float(np.mean([arm[s][key] - base[s][key] for s in seeds]))
+
+
 def expected_classes_per_batch(counts: np.ndarray, batch: int) -> float:
     """Expected number of distinct classes in a batch drawn without replacement (hypergeometric)."""
     n = int(counts.sum())
@@ -237,7 +246,8 @@ def regime_cells(runs: list[dict]) -> list[dict[str, Any]]:
                       "classes_per_batch": per_batch, "coverage": per_batch / classes,
                       "seen_per_class": s.batch / classes, "gain": gain(runs, "regime", g, q, c),
                       "arcface": [r["recall@1"] for r in base.values()],
-                      "broadface": [r["recall@1"] for r in by_seed.values()]})
+                      "broadface": [r["recall@1"] for r in by_seed.values()],
+                      "step_ratio": step_ratio(by_seed, base), "extra_step_ms": extra_step_ms(by_seed, base)})
     return sorted(cells, key=lambda x: (x["classes"], x["batch"]))
 
 
