@@ -165,8 +165,9 @@ def test_regime_table_costs_each_cell_from_its_runs_when_no_side_by_side_timing_
     data = {"runs": runs, "config": asdict(StudyConfig())}
     # gain +3.5 points (n=2) over 15 ms extra per step: 3.5 / 0.015 = +233.3 points per extra step-second
     row = next(line for line in markdown.regime_table(data).splitlines() if line.startswith("| 136 | 32 |"))
-    assert "| +3.50 ± 0.50 (n=2) |" in row and row.endswith("| 2.50× | +233.3 |")
+    assert "| +3.50 ± 0.50 (n=2) |" in row and row.endswith("| 2.50× ‡ | +233.3 |")
+    assert "‡ no side-by-side timing" in markdown.regime_table(data)
     data["step_times"] = [{"classes": 136, "batch": 32, "queue": q, "step_ms": ms, "vs_q0": ms / 10.0}
                           for q, ms in ((0, 10.0), (8192, 30.0))]
     row = next(line for line in markdown.regime_table(data).splitlines() if line.startswith("| 136 | 32 |"))
-    assert row.endswith("| 3.00× | +175.0 |")
+    assert row.endswith("| 3.00× | +175.0 |") and "‡" not in markdown.regime_table(data)

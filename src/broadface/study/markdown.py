@@ -30,18 +30,25 @@ def arm_table(data: dict, part: str) -> str:
     runs = data["runs"]
     rows = ["| arm | seeds | Recall@1 | Recall@8 | paired Δ Recall@1, points | step time vs queue 0 | step MB |",
             "|---|---:|---|---|---|---:|---:|"]
-    for (g, q, c), by_seed in sorted(report.arms(runs, part).items(), key=lambda kv: (kv[0][1], not kv[0][2])):
+    a = report.arms(runs, part)
+    from_runs = False
+    for (g, q, c), by_seed in sorted(a.items(), key=lambda kv: (kv[0][1], not kv[0][2])):
         r0 = next(iter(by_seed.values()))
         s = RunSpec.from_dict(r0["spec"])
         cost = report.cost_of(data, int(r0["num_classes"]), s.batch, q)
         gain = "–" if q == 0 else report.fmt_gain(report.gain(runs, part, g, q, c))
         ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
+        if "vs_q0" not in cost and q and (own := report.step_ratio(by_seed, a.get((g, 0, True), {}))) is not None:
+            ratio, from_runs = f"{own:.2f}× ‡", True
         mb = f"{cost['step_mb']:.0f}" if "step_mb" in cost else "–"
         dagger = " †" if any("source" in r for r in by_seed.values()) else ""
         rows.append(f"| {_arm(q, c)}{dagger} | {len(by_seed)} "
                     f"| {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
                     f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {ratio} | {mb} |")
-    return "\n".join(rows)
+    return "\n".join(rows + ([FROM_RUNS] if from_runs else []))
+
+
+FROM_RUNS = "\n‡ no side-by-side timing of this configuration: the mean over seeds of the paired runs' median step times."
 
 
 LOSS_NAMES = {"arcface": "ArcFace", "cosface": "CosFace", "adaface": "AdaFace", "magface": "MagFace",
@@ -108,6 +115,7 @@ def regime_table(data: dict) -> str:
             "| BroadFace Recall@1 | paired Δ, points | > 2 SE | step time vs queue 0 "
             "| Δ points per extra step-second |",
             "|---:|---:|---|---|---|---|:---:|---:|---:|"]
+    from_runs = False
     for c in report.regime_cells(data["runs"]):
         # the step-time cost: the side-by-side measurement where one was made, else the runs' own median steps
         cost = report.cost_of(data, c["classes"], c["batch"], c["queue"])
@@ -116,16 +124,17 @@ def regime_table(data: dict) -> str:
             vs_q0, extra = cost["vs_q0"], cost["step_ms"] - base["step_ms"]
         else:
             vs_q0, extra = c["step_ratio"], c["extra_step_ms"]
+            from_runs = from_runs or vs_q0 is not None
         g = c["gain"]
         per_s = "–"
         if g is not None and vs_q0 is not None and vs_q0 > 1.05:
             per_s = f"{100 * g.mean / (extra / 1000):+.1f}"
         name = f"{c['classes']}" + (" (964 × 4 rotations)" if c["rotations"] == 4 else "")
-        ratio = "–" if vs_q0 is None else f"{vs_q0:.2f}×"
+        ratio = "–" if vs_q0 is None else f"{vs_q0:.2f}×" + ("" if "step_ms" in cost and "step_ms" in base else " ‡")
         rows.append(f"| {name} | {c['batch']} | {c['classes_per_batch']:.0f} ({100 * c['coverage']:.1f} %) "
                     f"| {report.mean_sd(c['arcface'])} | {report.mean_sd(c['broadface'])} | {report.fmt_gain(g)} "
                     f"| {'yes' if g is not None and g.significant() else 'no'} | {ratio} | {per_s} |")
-    return "\n".join(rows)
+    return "\n".join(rows + ([FROM_RUNS] if from_runs else []))
 
 
 def error_table(runs: list[dict], part: str) -> str:
