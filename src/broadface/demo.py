@@ -300,12 +300,14 @@ def _plots(summary: dict[str, Any], face_curves: dict | None, out: Path) -> list
 
     om = summary["omniglot"]["arms"]
     seed0 = str(summary["omniglot"]["seeds"][0])
-    series = {f"Omniglot Recall@1, {arm}": om[arm]["runs"][seed0]["curve"] for arm in om}
-    series.update({f"Omniglot L(X), {arm}": [(s, b) for s, b, _ in om[arm]["runs"][seed0]["losses"]] for arm in om})
+    series = {"Omniglot Recall@1 (unseen characters)": {arm: om[arm]["runs"][seed0]["curve"] for arm in om},
+              "Omniglot L(X), mini-batch loss": {arm: [(s, b) for s, b, _ in om[arm]["runs"][seed0]["losses"]]
+                                                 for arm in om}}
     made = [plot_learning_curves(series, out / "learning_curves_omniglot.png",
                                  title=f"Many classes (Omniglot), seed {seed0}")]
     if face_curves:
-        made.append(plot_learning_curves({f"CelebA Recall@1, {a}": c["recall@1"] for a, c in face_curves.items()},
+        made.append(plot_learning_curves({"CelebA Recall@1 (unseen identities)":
+                                          {a: c["recall@1"] for a, c in face_curves.items()}},
                                          out / "learning_curves_faces.png", title="Faces (CelebA-299)"))
         made.append(plot_roc({a: {"scores": c["scores"], "issame": c["issame"]} for a, c in face_curves.items()},
                              out / "roc_lfw.png", title="LFW View-2 pairs", far_range=(1e-3, 1.0)))

@@ -30,3 +30,21 @@ def test_plot_errors(tmp_path):
         plot_roc({"a": [1, 2, 3]}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="step, value"):
         plot_learning_curves({"a": [1, 2, 3]}, tmp_path / "x.png")
+
+
+def test_learning_curves_draw_a_mapping_of_lines_in_one_panel(tmp_path, monkeypatch):
+    """``{panel: {label: points}}`` overlays the labelled lines on one axis (with a legend); plain lists stay
+    one line per panel."""
+    from broadface.eval import plots
+
+    figs = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figs.append(fig), real(fig, path))[1])
+    plot_learning_curves({"recall": {"ArcFace": [(0, 0.1), (10, 0.5)], "BroadFace": [(0, 0.1), (10, 0.6)]},
+                          "loss": [(0, 3.0), (10, 2.0)]}, tmp_path / "c.png")
+    recall, loss = figs[0].axes
+    assert [line.get_label() for line in recall.lines] == ["ArcFace", "BroadFace"]
+    assert list(recall.lines[1].get_ydata()) == [0.1, 0.6] and recall.get_legend() is not None
+    assert len(loss.lines) == 1 and loss.get_legend() is None
+    with pytest.raises(ValueError, match="'recall' / 'A'"):
+        plot_learning_curves({"recall": {"A": [1, 2]}}, tmp_path / "x.png")

@@ -2,7 +2,8 @@
 
 * :func:`plot_roc` — TAR vs FAR on a log FAR axis, one labelled curve per model/set;
 * :func:`plot_cmc` — identification rate vs rank;
-* :func:`plot_learning_curves` — one panel per metric, ``name -> [(step, value), ...]``.
+* :func:`plot_learning_curves` — one panel per metric, ``name -> [(step, value), ...]`` (or ``name -> {label:
+  points}``: several lines in one panel).
 """
 from __future__ import annotations
 
@@ -95,21 +96,29 @@ def plot_cmc(curves: Mapping[str, Mapping[int, float]], path: str | os.PathLike,
     return _save(fig, path)
 
 
-def plot_learning_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
-                         title: str = "Training", log_scale: Sequence[str] = ()) -> Path:
-    """Save one panel per metric from ``{name: [(step, value), ...]}``; names in ``log_scale`` get a log y axis."""
-    series = {k: v for k, v in series.items() if len(v)}
-    if not series:
+def plot_learning_curves(series: Mapping[str, Sequence[tuple[float, float]] | Mapping[str, Sequence]],
+                         path: str | os.PathLike, *, title: str = "Training", log_scale: Sequence[str] = ()) -> Path:
+    """Save one panel per metric from ``{name: [(step, value), ...]}``; a value ``{label: [(step, value), ...]}``
+    draws those lines in one panel with a legend (arms compared on one axis). Names in ``log_scale`` get a
+    log y axis."""
+    panels = {name: dict(v) if isinstance(v, Mapping) else {None: v} for name, v in series.items()}
+    panels = {k: {lab: pts for lab, pts in v.items() if len(pts)} for k, v in panels.items()}
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
         raise ValueError("plot_learning_curves: no non-empty series given")
-    cols = min(3, len(series))
-    rows = math.ceil(len(series) / cols)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig = _figure(4.0 * cols, 3.0 * rows)
-    for i, (name, points) in enumerate(series.items()):
+    for i, (name, lines) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        pts = np.asarray(points, dtype=float)
-        if pts.ndim != 2 or pts.shape[1] != 2:
-            raise ValueError(f"plot_learning_curves: series {name!r} must be a list of (step, value) pairs")
-        ax.plot(pts[:, 0], pts[:, 1], marker="." if len(pts) < 50 else None)
+        for label, points in lines.items():
+            pts = np.asarray(points, dtype=float)
+            if pts.ndim != 2 or pts.shape[1] != 2:
+                what = repr(name) if label is None else f"{name!r} / {label!r}"
+                raise ValueError(f"plot_learning_curves: series {what} must be a list of (step, value) pairs")
+            ax.plot(pts[:, 0], pts[:, 1], marker="." if len(pts) < 50 else None, label=label)
+        if any(label is not None for label in lines):
+            ax.legend(fontsize=8)
         if name in log_scale:
             ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
