@@ -125,7 +125,8 @@ def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
     arms: dict[str, dict[int, dict]] = {"ArcFace": {}, "BroadFace": {}}
     threads = run_threads(cfg)
     _say(cfg, f"== many classes: {len(jobs)} runs ({len(cfg.seeds)} seeds × ArcFace, BroadFace queue "
-              f"{cfg.omniglot_queue}), {base.steps} steps × {base.batch}, {cfg.workers} at a time × {threads} thread(s)")
+              f"{cfg.omniglot_queue}), {base.steps} steps × {base.batch}, {cfg.workers} at a time × "
+              f"{threads} thread(s)")
 
     def done(i: int, record: dict) -> None:
         arm, seed, spec = jobs[i]

@@ -48,7 +48,8 @@ def arm_table(data: dict, part: str) -> str:
     return "\n".join(rows + ([FROM_RUNS] if from_runs else []))
 
 
-FROM_RUNS = "\n‡ no side-by-side timing of this configuration: the mean over seeds of the paired runs' median step times."
+FROM_RUNS = ("\n‡ no side-by-side timing of this configuration: the mean over seeds of the paired runs' median "
+             "step times.")
 
 
 LOSS_NAMES = {"arcface": "ArcFace", "cosface": "CosFace", "adaface": "AdaFace", "magface": "MagFace",
