@@ -171,3 +171,20 @@ def test_regime_table_costs_each_cell_from_its_runs_when_no_side_by_side_timing_
                           for q, ms in ((0, 10.0), (8192, 30.0))]
     row = next(line for line in markdown.regime_table(data).splitlines() if line.startswith("| 136 | 32 |"))
     assert row.endswith("| 3.00× | +175.0 |") and "‡" not in markdown.regime_table(data)
+
+
+def test_peak_rss_counts_what_the_measured_code_holds_not_the_process_peak_before_it():
+    """The step memory of the cost columns: a 100 MB tensor reads ~100 MB right after the process held 400 MB,
+    and a study step's reading (each configuration in a fresh process) grows with its queue. Read from
+    getrusage's ru_maxrss, which can keep a peak from before the reset (it folds in exited threads' peaks),
+    every configuration read the same."""
+    from broadface.study.costs import CostConfig, peak_memory, peak_rss_mb
+
+    big = torch.ones(100_000_000)  # 400 MB, then freed: the process's peak so far
+    del big
+    peak, step, reset = peak_rss_mb(lambda: torch.ones(25_000_000).add_(1))
+    if not reset:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 80 < step < 250, step
+    q0, q8k = peak_memory([CostConfig(964, 128, 0), CostConfig(964, 128, 8192)])
+    assert q8k["step_mb"] > q0["step_mb"] > 0

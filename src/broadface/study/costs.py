@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -86,23 +86,40 @@ def _child(cfg: dict[str, Any]) -> dict[str, Any]:
     warm = build_model("tinycnn", embedding_size=c.dim, input_size=c.size, width=c.width)
     warm(torch.randn(2, 3, c.size, c.size)).sum().backward()  # loads kernels and allocator pools
     del warm
+    setup: list = []
+
+    def two_steps() -> None:
+        setup.append(_setup(c))
+        for _ in range(2):
+            _step(*setup[0])
+
+    peak, step, reset = peak_rss_mb(two_steps)
+    return {**asdict(c), "peak_mb": round(peak, 1), "step_mb": round(step, 1), "reset": reset}
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float, bool]:
+    """(peak resident MB while ``fn`` ran, that peak minus the resident MB before it, whether the peak was
+    reset first). The high-water mark VmHWM is reset through /proc/self/clear_refs; getrusage's ru_maxrss
+    (the fallback without /proc) is never reset and also counts what the process held before ``fn``."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        Path("/proc/self/clear_refs").write_text("5")
         reset = True
     except OSError:
         reset = False
-    base = _rss_mb()
-    setup = _setup(c)
-    for _ in range(2):
-        _step(*setup)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {**asdict(c), "peak_mb": round(peak, 1), "step_mb": round(peak - base, 1), "reset": reset}
+    base = _status_mb("VmRSS")
+    fn()
+    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak, peak - base, reset
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of /proc/self/status in MB (ru_maxrss where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
