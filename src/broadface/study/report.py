@@ -269,7 +269,9 @@ def plot_regime(cells: list[dict], path: Path) -> Path | None:
         i, j = classes.index(c["classes"]), batches.index(c["batch"])
         g = c["gain"]
         text = "–" if g is None else f"{100 * g.mean:+.1f}" + ("" if g.se is None else f"\n± {100 * g.se:.1f}")
-        ax.text(j, i, f"{text}\n{100 * c['coverage']:.0f}% cls/batch", ha="center", va="center", fontsize=7)
+        dark = g is not None and abs(100 * g.mean) > 0.6 * lim  # white on the saturated cells
+        ax.text(j, i, f"{text}\n{100 * c['coverage']:.0f}% cls/batch", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_yticks(range(len(classes)), [str(c) for c in classes])
     ax.set_xlabel("batch size")
