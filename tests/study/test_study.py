@@ -175,9 +175,8 @@ def test_regime_table_costs_each_cell_from_its_runs_when_no_side_by_side_timing_
 
 def test_peak_rss_counts_what_the_measured_code_holds_not_the_process_peak_before_it():
     """The step memory of the cost columns: a 100 MB tensor reads ~100 MB right after the process held 400 MB,
-    and a study step's reading (each configuration in a fresh process) grows with its queue. Read from
-    getrusage's ru_maxrss, which can keep a peak from before the reset (it folds in exited threads' peaks),
-    every configuration read the same."""
+    and a study step's reading (each configuration in a fresh process) grows with its queue (32k entries and
+    the union's chunk buffers: ~100 MB here; 8k is within the allocator's noise)."""
     from broadface.study.costs import CostConfig, peak_memory, peak_rss_mb
 
     big = torch.ones(100_000_000)  # 400 MB, then freed: the process's peak so far
@@ -186,5 +185,5 @@ def test_peak_rss_counts_what_the_measured_code_holds_not_the_process_peak_befor
     if not reset:
         pytest.skip("no /proc/self/clear_refs here")
     assert 80 < step < 250, step
-    q0, q8k = peak_memory([CostConfig(964, 128, 0), CostConfig(964, 128, 8192)])
-    assert q8k["step_mb"] > q0["step_mb"] > 0
+    q0, q32k = peak_memory([CostConfig(964, 128, 0), CostConfig(964, 128, 32768)])
+    assert q32k["step_mb"] > q0["step_mb"] + 50 and q0["step_mb"] > 0

@@ -99,8 +99,9 @@ def _child(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float, bool]:
     """(peak resident MB while ``fn`` ran, that peak minus the resident MB before it, whether the peak was
-    reset first). The high-water mark VmHWM is reset through /proc/self/clear_refs; getrusage's ru_maxrss
-    (the fallback without /proc) is never reset and also counts what the process held before ``fn``."""
+    reset first). The high-water mark VmHWM is reset through /proc/self/clear_refs and read back from
+    /proc/self/status; getrusage's ru_maxrss (the fallback without /proc, not reset then) kept a peak from
+    before the reset in the study's measurements, so every configuration read the same."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         reset = True
