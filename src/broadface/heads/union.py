@@ -53,6 +53,12 @@ def target_and_slope(target: Callable[..., Tensor], cos_t: Tensor, need_grad: bo
 LseFn = Callable[..., "tuple[Tensor, Tensor]"]  # (z, target logit, scratch buffer or None)
 
 
+def _row_max(z: Tensor) -> Tensor:
+    """Each row's max (k, 1), 0 where it is infinite: the shift that keeps exp in range, as torch.logsumexp's."""
+    m = z.amax(dim=1, keepdim=True)
+    return m.masked_fill_(m.abs() == math.inf, 0)
+
+
 def local_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(log Σ_j exp z_j, target logit)`` per row when this process holds every class.
 
@@ -60,8 +66,7 @@ def local_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None) ->
     fresh (k, C) temporary: the same result bit for bit (tests/heads/test_union.py pins it)."""
     if scratch is None:
         return torch.logsumexp(z, dim=1), target_logit
-    m = z.amax(dim=1, keepdim=True)
-    m.masked_fill_(m.abs() == math.inf, 0)
+    m = _row_max(z)
     total = torch.sub(z, m, out=scratch).exp_().sum(dim=1)
     return total.log_().add_(m.squeeze(1)), target_logit
 
@@ -69,8 +74,7 @@ def local_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None) ->
 def lse_softmax_(z: Tensor, need_softmax: bool) -> Tensor:
     """Row-wise log-sum-exp of ``z``, turning ``z`` in place into ``softmax(z)`` (when ``need_softmax``;
     else into exp(z − max)): the exponentials are computed once."""
-    m = z.amax(dim=1, keepdim=True)
-    m.masked_fill_(m.abs() == math.inf, 0)
+    m = _row_max(z)
     total = z.sub_(m).exp_().sum(dim=1, keepdim=True)
     if need_softmax:
         z.mul_(total.reciprocal())

@@ -86,12 +86,10 @@ def _child(cfg: dict[str, Any]) -> dict[str, Any]:
     warm = build_model("tinycnn", embedding_size=c.dim, input_size=c.size, width=c.width)
     warm(torch.randn(2, 3, c.size, c.size)).sum().backward()  # loads kernels and allocator pools
     del warm
-    setup: list = []
-
     def two_steps() -> None:
-        setup.append(_setup(c))
+        setup = _setup(c)
         for _ in range(2):
-            _step(*setup[0])
+            _step(*setup)
 
     peak, step, reset = peak_rss_mb(two_steps)
     return {**asdict(c), "peak_mb": round(peak, 1), "step_mb": round(step, 1), "reset": reset}

@@ -121,7 +121,8 @@ def regime_table(data: dict) -> str:
         # the step-time cost: the side-by-side measurement where one was made, else the runs' own median steps
         cost = report.cost_of(data, c["classes"], c["batch"], c["queue"])
         base = report.cost_of(data, c["classes"], c["batch"], 0)
-        if "step_ms" in cost and "step_ms" in base:
+        measured = "step_ms" in cost and "step_ms" in base
+        if measured:
             vs_q0, extra = cost["vs_q0"], cost["step_ms"] - base["step_ms"]
         else:
             vs_q0, extra = c["step_ratio"], c["extra_step_ms"]
@@ -131,7 +132,7 @@ def regime_table(data: dict) -> str:
         if g is not None and vs_q0 is not None and vs_q0 > 1.05:
             per_s = f"{100 * g.mean / (extra / 1000):+.1f}"
         name = f"{c['classes']}" + (" (964 × 4 rotations)" if c["rotations"] == 4 else "")
-        ratio = "–" if vs_q0 is None else f"{vs_q0:.2f}×" + ("" if "step_ms" in cost and "step_ms" in base else " ‡")
+        ratio = "–" if vs_q0 is None else f"{vs_q0:.2f}×" + ("" if measured else " ‡")
         rows.append(f"| {name} | {c['batch']} | {c['classes_per_batch']:.0f} ({100 * c['coverage']:.1f} %) "
                     f"| {report.mean_sd(c['arcface'])} | {report.mean_sd(c['broadface'])} | {report.fmt_gain(g)} "
                     f"| {'yes' if g is not None and g.significant() else 'no'} | {ratio} | {per_s} |")

@@ -68,23 +68,24 @@ def head_gain(runs: list[dict], part: str, group: str, queue: int, head: tuple, 
     return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
 
 
+def _paired_steps(arm: dict[int, dict], base: dict[int, dict]) -> list[tuple[float, float]]:
+    """(arm, base) ms per step for each shared seed: the median step where both runs recorded it, else the mean."""
+    seeds = sorted(set(arm) & set(base))
+    key = "step_ms_median" if all("step_ms_median" in r[s] for r in (arm, base) for s in seeds) else "step_ms"
+    return [(arm[s][key], base[s][key]) for s in seeds]
+
+
 def step_ratio(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
     """Mean over shared seeds of the arm's ms per step over the base arm's (each run's own timing: the median
     step where both runs recorded it, else the mean)."""
-    seeds = sorted(set(arm) & set(base))
-    if not seeds:
-        return None
-    key = "step_ms_median" if all("step_ms_median" in r[s] for r in (arm, base) for s in seeds) else "step_ms"
-    return float(np.mean([arm[s][key] / base[s][key] for s in seeds]))
+    pairs = _paired_steps(arm, base)
+    return float(np.mean([a / b for a, b in pairs])) if pairs else None
 
 
 def extra_step_ms(arm: dict[int, dict], base: dict[int, dict]) -> float | None:
     """Mean over shared seeds of the ms per step the arm takes beyond the base arm (medians where recorded)."""
-    seeds = sorted(set(arm) & set(base))
-    if not seeds:
-        return None
-    key = "step_ms_median" if all("step_ms_median" in r[s] for r in (arm, base) for s in seeds) else "step_ms"
-    return float(np.mean([arm[s][key] - base[s][key] for s in seeds]))
+    pairs = _paired_steps(arm, base)
+    return float(np.mean([a - b for a, b in pairs])) if pairs else None
 
 
 def expected_classes_per_batch(counts: np.ndarray, batch: int) -> float:
