@@ -79,3 +79,19 @@ def test_flip_helper_batches():
     x = torch.arange(24.0).reshape(1, 2, 3, 4)
     assert torch.equal(flip(x)[0, 1, 2], torch.tensor([23.0, 22.0, 21.0, 20.0]))
     assert torch.equal(flip(flip(x)), x)
+
+
+@pytest.mark.parametrize("kw", [dict(size=112, flip_p=0.5), dict(size=112, flip_p=0.5, pixels=True),
+                                dict(size=None, flip_p=1.0, pixels=True), dict(size=56, flip_p=0.5),
+                                dict(size=112, channels=1, pixels=True)])
+def test_an_array_gives_the_pil_images_tensor(face, kw):
+    """The loader's decoded array (flipped and converted without Pillow when it already has the size and
+    mode) gives the tensor of the PIL image, with the same random choices."""
+    arr = np.asarray(face)
+    flips = 0
+    for i in range(12):
+        from_array = FaceTransform(**kw)(arr.copy(), generator=generator_for("a", i))
+        from_pil = FaceTransform(**kw)(face, generator=generator_for("a", i))
+        assert from_array.dtype == from_pil.dtype and torch.equal(from_array, from_pil)
+        flips += FaceTransform(**kw).draw(generator_for("a", i))[1]
+    assert 0 < flips or "flip_p" not in kw  # the flipped branch ran

@@ -36,10 +36,14 @@ def to_unit_tensor(img: Image.Image) -> torch.Tensor:
     return normalize(img, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
 
 
-def call_transform(transform: Transform | None, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
-    """Apply ``transform``; pass ``generator`` only to transforms that accept one."""
+def call_transform(transform: Transform | None, img: Image.Image | np.ndarray,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Apply ``transform``; pass ``generator`` only to transforms that accept one, and a decoded uint8 array
+    only to those that take arrays (``accepts_array``; any other transform gets a PIL image)."""
     if transform is None:
         return to_unit_tensor(img)
+    if isinstance(img, np.ndarray) and not getattr(transform, "accepts_array", False):
+        img = Image.fromarray(img)
     if generator is not None and getattr(transform, "accepts_generator", False):
         return transform(img, generator=generator)
     return transform(img)
@@ -69,8 +73,9 @@ class ImageDataset(Dataset):
         """Human-readable origin of sample ``index`` (file path, zip member, record)."""
         raise NotImplementedError
 
-    def _read(self, index: int) -> tuple[Image.Image, int]:
-        """Decode sample ``index``; raise :class:`ImageDecodeError` if its image is unreadable."""
+    def _read(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
+        """Decode sample ``index`` (a PIL image, or the uint8 array of
+        :func:`~broadface.data.images.decode_pixels`); raise :class:`ImageDecodeError` if it is unreadable."""
         raise NotImplementedError
 
     # -- public API --------------------------------------------------------------------
@@ -80,6 +85,11 @@ class ImageDataset(Dataset):
 
     def image(self, index: int) -> tuple[Image.Image, int]:
         """``(PIL image, label)`` of sample ``index`` (or its substitute in skip mode)."""
+        img, label = self._decoded(index)
+        return (Image.fromarray(img) if isinstance(img, np.ndarray) else img), label
+
+    def _decoded(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
+        """:meth:`image` as :meth:`_read` returns it (an array stays an array, for :meth:`getitem`)."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
@@ -98,7 +108,7 @@ class ImageDataset(Dataset):
 
     def getitem(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """``(tensor, label)`` with the transform's randomness drawn from ``generator``."""
-        img, label = self.image(index)
+        img, label = self._decoded(index)
         return call_transform(self.transform, img, generator), label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

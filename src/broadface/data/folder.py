@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from PIL import Image
+import numpy as np
 
 from broadface.data.base import ImageDataset, Transform, check_classes
-from broadface.data.images import IMG_EXTENSIONS, decode_image
+from broadface.data.images import IMG_EXTENSIONS, decode_pixels
 
 
 def _norm_exts(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -151,6 +151,6 @@ class FaceFolder(ImageDataset):
     def source(self, index: int) -> str:
         return self.samples[index][0]
 
-    def _read(self, index: int) -> tuple[Image.Image, int]:
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
-        return decode_image(path), label
+        return decode_pixels(path), label

@@ -5,6 +5,13 @@ Every image broadface reads (training, evaluation, the CLI, alignment, the teach
 upright), grayscale, 16-bit, RGBA, palette and CMYK inputs all come out in one mode, and a
 corrupt or truncated file raises :class:`ImageDecodeError` naming it rather than a bare Pillow
 traceback. :data:`IMG_EXTENSIONS` is the one list of file suffixes counted as images.
+
+:func:`decode_pixels` is its array twin for the data loaders: the same pixels as
+``np.asarray(decode_image(src))``, but a plain JPEG (no EXIF block) is decoded by libjpeg-turbo
+through ``simplejpeg`` straight into an array, skipping Pillow's Python-level header parsing and its
+``tobytes`` copy (about 1.5-2.5x faster per 112 px face here). Anything else -- EXIF, CMYK, PNG, a
+decoder error, ``simplejpeg`` not installed -- goes through :func:`decode_image`. tests/data/test_images.py
+checks the equality on real faces and on each fallback.
 """
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from broadface.fileio import atomic_write_bytes
+
+try:  # libjpeg-turbo straight into numpy; optional (decode_pixels falls back to Pillow)
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    _simplejpeg = None
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff")
 _ORIENTATION = 0x0112  # EXIF tag
@@ -62,6 +74,36 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
             return _as_mode(_upright(im), mode)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def _plain_jpeg(data: bytes | bytearray | memoryview) -> bool:
+    """JPEG bytes without an EXIF block (nothing to rotate): what the fast path may decode. Conservative:
+    the marker anywhere in the first 64 KiB (compressed data included) sends the image to Pillow."""
+    return bytes(data[:2]) == b"\xff\xd8" and bytes(data[:65536]).find(b"Exif\x00\x00") < 0
+
+
+def decode_pixels(src: Source, name: str | None = None, mode: str = "RGB") -> np.ndarray:
+    """:func:`decode_image` as a uint8 array (H x W x 3 for RGB, H x W for L), equal pixel for pixel;
+    plain RGB JPEGs take libjpeg-turbo's direct path (module docstring)."""
+    if _simplejpeg is not None and mode == "RGB":
+        data = src
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            try:
+                with open(src, "rb") as f:
+                    data = f.read()
+            except OSError as err:
+                raise ImageDecodeError(f"{os.fspath(src)}: cannot read image ({type(err).__name__}: {err})") from None
+        if _plain_jpeg(data):
+            try:  # YCbCr or gray only: libjpeg-turbo's CMYK -> RGB rounds differently from Pillow's
+                if _simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
+                    return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
+                                                   strict=True)
+            except (ValueError, RuntimeError):  # an unusual stream or a corrupt file: Pillow decodes it or names the error
+                pass
+        if name is None and not isinstance(src, (bytes, bytearray, memoryview)):
+            name = os.fspath(src)
+        src = data
+    return np.asarray(decode_image(src, name, mode))
 
 
 def read_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:

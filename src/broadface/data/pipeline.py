@@ -86,7 +86,8 @@ def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_M
 def pixels_chw(image: Image.Image | np.ndarray) -> torch.Tensor:
     """H x W (x C) uint8 image -> uint8 C x H x W tensor: the pixels :func:`normalize` would read, not yet
     normalised (the training loader's fast path; :func:`normalize_batch` finishes the batch)."""
-    return torch.from_numpy(np.ascontiguousarray(_hwc(image).transpose(2, 0, 1)))
+    x = np.ascontiguousarray(_hwc(image).transpose(2, 0, 1))
+    return torch.from_numpy(x if x.flags.writeable else x.copy())  # a 1-channel view of Pillow's read-only bytes
 
 
 def _batch_constants(mean: Sequence[float], std: Sequence[float], c: int, device: torch.device

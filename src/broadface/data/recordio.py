@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image
 
 from broadface.data.base import ImageDataset, Transform
 from broadface.data.folder import FaceFolder
-from broadface.data.images import IMG_EXTENSIONS, ImageDecodeError, decode_image
+from broadface.data.images import IMG_EXTENSIONS, ImageDecodeError, decode_image, decode_pixels
 from broadface.data.mxrecord import IR_SIZE, RecordReader, RecordWriter, pack, read_index, unpack
 from broadface.fileio import atomic_write
 
@@ -136,9 +135,9 @@ class RecordIODataset(ImageDataset):
         header, payload = unpack(self.reader.read(self._offset(key)), self._name(key))
         return self._label(key, header), payload
 
-    def _read(self, index: int) -> tuple[Image.Image, int]:
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
         label, payload = self.read_record(index)
-        return decode_image(payload, self.source(index)), label
+        return decode_pixels(payload, self.source(index)), label
 
 
 @dataclass
