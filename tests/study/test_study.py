@@ -187,3 +187,20 @@ def test_peak_rss_counts_what_the_measured_code_holds_not_the_process_peak_befor
     assert 80 < step < 250, step
     q0, q32k = peak_memory([CostConfig(964, 128, 0), CostConfig(964, 128, 32768)])
     assert q32k["step_mb"] > q0["step_mb"] + 50 and q0["step_mb"] > 0
+
+
+def test_faces_section_pairs_the_arms_by_seed(tmp_path):
+    """The faces table of RESULTS pairs bench/faces.py's arms seed by seed and says so when nothing ran."""
+    assert "not run" in "\n".join(markdown._faces_section(tmp_path / "none"))
+    runs = [{"seed": s, "queue": q, "train_s": 10.0 + q / 1000, "classes": 149, "images": 3214, "lfw_pairs": 6000,
+             "recall@1": r1, "recall@8": 0.9, "lfw_accuracy": acc}
+            for s, q, r1, acc in [(0, 0, 0.50, 0.80), (0, 2048, 0.53, 0.81), (1, 0, 0.40, 0.79),
+                                  (1, 2048, 0.41, 0.79), (2, 2048, 0.9, 0.9)]]  # seed 2 has no pair
+    args = {"setting": "celeba", "queue": 2048, "batch": 16, "steps": 1500, "lr": 0.1, "size": 56, "scale": 32.0,
+            "margin": 0.3}
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "celeba.json").write_text(json.dumps({"args": args, "runs": runs}))
+    text = "\n".join(markdown._faces_section(tmp_path / "faces"))
+    assert "paired Δ Recall@1, BroadFace − ArcFace: +2.00 ± 1.00 points over seeds [0, 1] (+3.00, +1.00)" in text
+    assert "paired Δ LFW accuracy, BroadFace − ArcFace: +0.50 ± 0.50 points" in text
+    assert "| BroadFace 2048 | 3 |" in text and "149 training identities, 3214 images, batch 16" in text

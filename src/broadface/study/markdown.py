@@ -230,6 +230,7 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
     if data.get("fig6"):
         parts += ["## 7. Memory (cf. paper Fig. 6)", "", fig6_table(data["fig6"]), "", *img("fig6", "memory")]
     parts += _distill_section(results.parent / "distill" / "results.json")
+    parts += _faces_section(results.parent / "faces")
     notes = results.parent / "study_notes.md"
     parts += ["---", "", notes.read_text().strip() if notes.exists() else "", ""]
     atomic_write_text(results, "\n".join(parts))
@@ -311,3 +312,40 @@ def _distill_section(path: Path) -> list[str]:
         f"{a['kind']} distance; teacher iResNet width {st['teacher_width']} trained {st['teacher_steps']} steps; "
         f"students {st['student_steps']} steps); wall {r['wall_s']:.0f} s. Details: "
         "[distillation](distillation.md).", "", *rows, ""]
+
+
+def _faces_section(folder: Path) -> list[str]:
+    """ArcFace vs BroadFace on faces from the JSONs ``bench/faces.py --json`` wrote (one per setting)."""
+    from broadface.metrics.paired import paired_difference
+
+    head = ["## 9. Faces from scratch with few classes per batch (bench/faces.py)", ""]
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        return head + ["(not run: `python bench/faces.py --setting celeba --json docs/faces/celeba.json`)", ""]
+    out = head
+    for path in files:
+        r = json.loads(path.read_text())
+        a, q = r["args"], r["args"]["queue"]
+        by = {k: {x["seed"]: x for x in r["runs"] if x["queue"] == k} for k in (0, q)}
+        first = next(iter(by[0].values()), None) or next(iter(by[q].values()))
+        out += [f"`{a['setting']}` ({path.name}): {first['classes']} training identities, {first['images']} images, "
+                f"batch {a['batch']}, {a['steps']} steps, lr {a['lr']:g}, {a['size']} px, ArcFace s = {a['scale']:g} "
+                f"m = {a['margin']:g}, test-time flip; Recall@1 over the unseen identities, LFW accuracy over "
+                f"{first['lfw_pairs']} pairs (10-fold thresholds).", "",
+                "| arm | seeds | Recall@1 | LFW accuracy | train s (median) |", "|---|---:|---|---|---:|"]
+        for name, k in (("ArcFace (queue 0)", 0), (f"BroadFace {q}", q)):
+            rs = list(by[k].values())
+            if rs:
+                out.append(f"| {name} | {len(rs)} | {report.mean_sd([x['recall@1'] for x in rs])} | "
+                           f"{report.mean_sd([x['lfw_accuracy'] for x in rs])} | "
+                           f"{sorted(x['train_s'] for x in rs)[len(rs) // 2]:.0f} |")
+        if set(by[0]) & set(by[q]):
+            out.append("")
+            for metric, label in (("recall@1", "Recall@1"), ("lfw_accuracy", "LFW accuracy")):
+                d = paired_difference({s: x[metric] for s, x in by[q].items()},
+                                      {s: x[metric] for s, x in by[0].items()})
+                se = "" if d.se is None else f" ± {100 * d.se:.2f}"
+                out.append(f"- paired Δ {label}, BroadFace − ArcFace: {100 * d.mean:+.2f}{se} points over seeds "
+                           f"{list(d.seeds)} ({', '.join(f'{100 * x:+.2f}' for x in d.diffs)})")
+        out.append("")
+    return out
