@@ -98,7 +98,7 @@ def decode_pixels(src: Source, name: str | None = None, mode: str = "RGB") -> np
                 if _simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
                     return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
                                                    strict=True)
-            except (ValueError, RuntimeError):  # an unusual stream or a corrupt file: Pillow decodes it or names the error
+            except (ValueError, RuntimeError):  # unusual or corrupt: Pillow decodes it or names the error
                 pass
         if name is None and not isinstance(src, (bytes, bytearray, memoryview)):
             name = os.fspath(src)
