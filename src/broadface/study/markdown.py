@@ -206,7 +206,11 @@ def render(data: dict, out_dir: Path, results: Path) -> None:
               *img("curves", "learning curves")]
     parts += ["## 2. From a warm start", ""] + _unless_run(runs, "warm", [
               f"Each seed's arms start from one ArcFace model trained {c['warm_steps']} steps without a queue "
-              f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps.", "",
+              f"(lr {c['base']['warm_lr']:g}), then train {c['warm_arm_steps']} more steps at lr "
+              f"{c['base']['lr']:g} (× 0.1 at 80 %). Why this schedule: the queue is filled from an encoder whose "
+              "embeddings already mean something (the paper's reason for its warm start), every arm has the "
+              "sweep's budget of steps in all, and the queue acts for most of it at a learning rate where W still "
+              "moves; at a tenth of it (the fine-tune below) W stays near the warm start.", "",
               arm_table(data, "warm"), "", *img("warm", "warm-start sweep")])
     parts += _unless_run(runs, "finetune", [
         f"Fine-tuned instead, from the same warm start at lr {c['finetune_lr']:g} (× 0.1 at 80 %):", "",
@@ -331,7 +335,8 @@ def _faces_section(folder: Path) -> list[str]:
         out += [f"`{a['setting']}` ({path.name}): {first['classes']} training identities, {first['images']} images, "
                 f"batch {a['batch']}, {a['steps']} steps, lr {a['lr']:g}, {a['size']} px, ArcFace s = {a['scale']:g} "
                 f"m = {a['margin']:g}, test-time flip; Recall@1 over the unseen identities, LFW accuracy over "
-                f"{first['lfw_pairs']} pairs (10-fold thresholds).", "",
+                f"{first['lfw_pairs']} pairs (10-fold thresholds); the model as bench/faces.py builds it."
+                + (f" Command: `{r['command']}`." if r.get("command") else ""), "",
                 "| arm | seeds | Recall@1 | LFW accuracy | train s (median) |", "|---|---:|---|---|---:|"]
         for name, k in (("ArcFace (queue 0)", 0), (f"BroadFace {q}", q)):
             rs = list(by[k].values())
