@@ -57,19 +57,28 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
+def _source_bytes(src: Source, name: str | None) -> tuple[bytes | bytearray | memoryview, str]:
+    """``(encoded bytes, name for messages)`` of a path or bytes source: a file is read in one call (Pillow
+    parsing a file object reads it in many small pieces); an unreadable one raises naming it."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return src, "<bytes>" if name is None else name
+    name = os.fspath(src) if name is None else name
+    try:
+        with open(src, "rb") as f:
+            return f.read(), name
+    except OSError as err:
+        raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
 def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Image.Image:
     """Fully decode ``src`` (path or encoded bytes) into an upright ``mode`` image.
 
     ``name`` is used in error messages (defaults to the path). Decoding is forced here
     (``Image.load``) so truncated files fail now, not later inside a transform.
     """
-    if name is None:
-        name = "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    data, name = _source_bytes(src, name)
     try:
-        if not isinstance(src, (bytes, bytearray, memoryview)):
-            with open(src, "rb") as f:  # one read: Pillow parsing a file object reads it in many small pieces
-                src = f.read()
-        with Image.open(io.BytesIO(src)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return _as_mode(_upright(im), mode)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -79,31 +88,21 @@ def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Ima
 def _plain_jpeg(data: bytes | bytearray | memoryview) -> bool:
     """JPEG bytes without an EXIF block (nothing to rotate): what the fast path may decode. Conservative:
     the marker anywhere in the first 64 KiB (compressed data included) sends the image to Pillow."""
-    return bytes(data[:2]) == b"\xff\xd8" and bytes(data[:65536]).find(b"Exif\x00\x00") < 0
+    head = bytes(data[:65536])
+    return head[:2] == b"\xff\xd8" and head.find(b"Exif\x00\x00") < 0
 
 
 def decode_pixels(src: Source, name: str | None = None, mode: str = "RGB") -> np.ndarray:
     """:func:`decode_image` as a uint8 array (H x W x 3 for RGB, H x W for L), equal pixel for pixel;
     plain RGB JPEGs take libjpeg-turbo's direct path (module docstring)."""
-    if _simplejpeg is not None and mode == "RGB":
-        data = src
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                with open(src, "rb") as f:
-                    data = f.read()
-            except OSError as err:
-                raise ImageDecodeError(f"{os.fspath(src)}: cannot read image ({type(err).__name__}: {err})") from None
-        if _plain_jpeg(data):
-            try:  # YCbCr or gray only: libjpeg-turbo's CMYK -> RGB rounds differently from Pillow's
-                if _simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
-                    return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
-                                                   strict=True)
-            except (ValueError, RuntimeError):  # unusual or corrupt: Pillow decodes it or names the error
-                pass
-        if name is None and not isinstance(src, (bytes, bytearray, memoryview)):
-            name = os.fspath(src)
-        src = data
-    return np.asarray(decode_image(src, name, mode))
+    data, name = _source_bytes(src, name)
+    if _simplejpeg is not None and mode == "RGB" and _plain_jpeg(data):
+        try:  # YCbCr or gray only: libjpeg-turbo's CMYK -> RGB rounds differently from Pillow's
+            if _simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
+                return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+        except (ValueError, RuntimeError):  # unusual or corrupt: Pillow decodes it or names the error
+            pass
+    return np.asarray(decode_image(data, name, mode))
 
 
 def read_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
