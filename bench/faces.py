@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 from broadface.fileio import atomic_write_json
 from broadface.metrics.paired import paired_difference
+from broadface.study.parallel import run_parallel
 
 DEFAULTS = {"celeba": {"batch": 16, "queue": 2048}, "lfw": {"batch": 64, "queue": 8192}}
 
@@ -101,7 +100,7 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.3)
     ap.add_argument("--size", type=int, default=56)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--workers", type=int, default=2, help="runs in parallel (spawned processes)")
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel (spawned processes; 1: in this one)")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args()
     a.batch = a.batch or DEFAULTS[a.setting]["batch"]
@@ -114,12 +113,13 @@ def main() -> None:
                          f"this command asks for {({k: args[k] for k in fixed})} (use another --json)")
     done = {(r["seed"], r["queue"]) for r in data["runs"]}
     todo = [(seed, queue) for seed in a.seeds for queue in (0, a.queue) if (seed, queue) not in done]
-    with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for fut in as_completed([pool.submit(run_arm, a, seed, queue) for seed, queue in todo]):
-            r = fut.result()
-            data["runs"].append(r)
-            atomic_write_json(a.json, data)
-            print(json.dumps(r), flush=True)
+
+    def save(_: int, r: dict) -> None:  # each run kept as it ends
+        data["runs"].append(r)
+        atomic_write_json(a.json, data)
+        print(json.dumps(r), flush=True)
+
+    run_parallel(run_arm, [(a, seed, queue) for seed, queue in todo], a.workers, save)
     by = {q: {r["seed"]: r for r in data["runs"] if r["queue"] == q} for q in (0, a.queue)}
     print(f"{'arm':<10} {'queue':>6} {'seeds':>5} {'Recall@1':>9} {'Recall@8':>9} {'LFW acc':>8} {'train s':>8}")
     for name, q in (("ArcFace", 0), ("BroadFace", a.queue)):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from broadface.fileio import atomic_write_json
 from broadface.paths import data_root as find_data_root
@@ -116,7 +117,8 @@ def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
     """ArcFace vs BroadFace from scratch on full Omniglot, per seed; the paired difference."""
     from broadface.metrics.paired import paired_difference
     from broadface.study.report import expected_classes_per_batch
-    from broadface.study.runs import train_set
+    from broadface.study.parallel import run_parallel
+    from broadface.study.runs import run, train_set
 
     base = omniglot_spec(cfg)
     # the longer BroadFace runs first, so that the workers end together
@@ -133,7 +135,9 @@ def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
         _say(cfg, f"   {arm} (queue {spec.queue}), seed {seed}: Recall@1 {record['recall@1']:.4f} "
                   f"({record['wall_s']:.0f} s)")
 
-    for (arm, seed, _), record in zip(jobs, _run_all([s for _, _, s in jobs], cfg.workers, threads, done)):
+    # each record is as that run alone would give: a run depends on its spec and thread count only
+    records = run_parallel(partial(run, threads=threads), [(s,) for _, _, s in jobs], cfg.workers, done)
+    for (arm, seed, _), record in zip(jobs, records):
         arms[arm][seed] = record
     data = train_set(base)
     per_batch = expected_classes_per_batch(data.class_counts(), cfg.omniglot_batch)
@@ -146,29 +150,6 @@ def omniglot_track(cfg: DemoConfig) -> dict[str, Any]:
             "arms": {arm: {"queue": 0 if arm == "ArcFace" else cfg.omniglot_queue,
                            "runs": {str(s): _slim(r) for s, r in by_seed.items()}} for arm, by_seed in arms.items()},
             "paired_difference": diff}
-
-
-def _run_all(specs: list, workers: int, threads: int, done: Callable[[int, dict], None]) -> list[dict]:
-    """:func:`broadface.study.runs.run` of every spec, ``workers`` processes at a time (1: in this process),
-    calling ``done(i, record)`` as each ends; records in the order of ``specs``, each as that run alone
-    would give (a run depends on its spec and thread count, not on what runs beside it)."""
-    from broadface.study.runs import run
-
-    records: dict[int, dict] = {}
-    if workers <= 1:
-        for i, s in enumerate(specs):
-            records[i] = run(s, threads=threads)
-            done(i, records[i])
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(run, s, threads=threads): i for i, s in enumerate(specs)}
-            for f in as_completed(futures):
-                records[futures[f]] = f.result()
-                done(futures[f], records[futures[f]])
-    return [records[i] for i in range(len(specs))]
 
 
 def _slim(record: dict) -> dict:
