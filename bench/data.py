@@ -3,7 +3,7 @@
     python bench/data.py --quick   # a few minutes on 2 CPU cores
     python bench/data.py           # more images per loader measurement
 
-Prints two tables. The first: time to list LFW (13,233 files, nothing decoded), to open Omniglot from its
+Prints three tables. The first: time to list LFW (13,233 files, nothing decoded), to open Omniglot from its
 zips, to pack CelebA-299 (6,300 JPEGs) into RecordIO and to scan its labels. The second: decoded images/s of
 the training loader (112x112 train transform, batch 64) over the CelebA-299 folder and the same images
 packed as RecordIO, with 0, 1 and 2 workers, in two forms: ``uint8`` is what the trainer loads
@@ -15,7 +15,8 @@ straight into an array (``simplejpeg``, the loaders' decoder for plain JPEGs, se
 the rate at which a backbone
 consumes images in training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet).
 Loader and raw rows are interleaved over rounds so machine load affects all alike; each value is the median
-over rounds.
+over rounds. The third: the 0-worker uint8 folder loader's microseconds per image, stage by cumulative
+stage from the bare decode to the full rate, so the gap to the raw decode has its parts named.
 """
 from __future__ import annotations
 
@@ -59,20 +60,53 @@ def throughput(ds, images: int, workers: int, batch: int = 64) -> float:
     return n / (time.perf_counter() - t)
 
 
-def raw_decode(blobs: list[bytes], decoder: str) -> float:
-    """JPEG bytes -> RGB pixels with one decoder alone (the bytes already in memory): images/s."""
+def raw_decoder(decoder: str):
+    """JPEG bytes -> RGB pixels with one decoder alone, nothing else."""
     if decoder == "pillow":
-        def one(b):
-            Image.open(io.BytesIO(b)).convert("RGB").load()
-    else:
-        import simplejpeg
+        return lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()
+    import simplejpeg
 
-        def one(b):
-            simplejpeg.decode_jpeg(b, colorspace="RGB")
+    return lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB")
+
+
+def raw_decode(blobs: list[bytes], decoder: str) -> float:
+    """The raw decode rate of ``decoder`` (the bytes already in memory): images/s."""
+    one = raw_decoder(decoder)
     t = time.perf_counter()
     for b in blobs:
         one(b)
     return len(blobs) / (time.perf_counter() - t)
+
+
+def stage_costs(ds, blobs: list[bytes], rounds: int) -> list[tuple[str, float]]:
+    """Microseconds per image of the 0-worker uint8 loader, stage by cumulative stage (median over rounds):
+    where the time between the bare decode and the loader's rate goes."""
+    from broadface.data.images import decode_pixels
+    from broadface.data.loader import SeededDataset
+
+    n, seeded, normalize = len(blobs), SeededDataset(ds, 0, 0), BatchNormalizer()
+
+    def loader(norm: bool) -> None:
+        k = 0
+        for x, _ in make_loader(ds, 64, seed=0, num_workers=0, drop_last=True):
+            k += len(normalize(x) if norm else x)
+            if k >= n:
+                return
+
+    bare = raw_decoder(_decoders()[-1])
+    stages = {f"bare decode from memory ({_decoders()[-1]})": lambda: [bare(b) for b in blobs],
+              "+ the loaders' checks (decode_pixels)": lambda: [decode_pixels(b) for b in blobs],
+              "+ file read (the data set's decoded image)": lambda: [ds._decoded(i) for i in range(n)],
+              "+ per-sample generator, flip, C x H x W": lambda: [seeded[i] for i in range(n)],
+              "+ sampler, collate (the loader)": lambda: loader(False),
+              "+ batch normalisation (the rate above)": lambda: loader(True)}
+    times: dict[str, list[float]] = {k: [] for k in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) / n * 1e6)
+    return [(k, statistics.median(v)) for k, v in times.items()]
 
 
 def _decoders() -> list[str]:
@@ -136,6 +170,7 @@ def main() -> None:
                     rates.setdefault((name, workers), []).append(throughput(ds, images, workers))
         raws = {dec: statistics.median(rates.pop(("raw", dec))) for dec in _decoders()}
         raw = max(raws.values())
+        stages = stage_costs(sets["folder, uint8"], blobs, rounds)
         eat = {m: consumption(m, steps) for m in ("iresnet50", "mobilefacenet")}
     print(f"\nraw JPEG decode of the same {len(blobs)} files (one process): "
           + ", ".join(f"{dec} {r:,.0f} img/s" for dec, r in raws.items()))
@@ -147,6 +182,10 @@ def main() -> None:
         m = statistics.median(r)
         print(f"| {name} | {workers} | {m:,.0f} | {m / raw:.0%} | {m / eat['iresnet50']:,.0f}× "
               f"| {m / eat['mobilefacenet']:,.0f}× |")
+    print("\n| folder, uint8, 0 workers: stage (cumulative) | µs per image | decode's share of the time |")
+    print("|---|---:|---:|")
+    for name, us in stages:
+        print(f"| {name} | {us:.1f} | {stages[0][1] / us:.0%} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -86,7 +87,14 @@ def normalize(image: Image.Image | np.ndarray, mean: Sequence[float] = DEFAULT_M
 def pixels_chw(image: Image.Image | np.ndarray) -> torch.Tensor:
     """H x W (x C) uint8 image -> uint8 C x H x W tensor: the pixels :func:`normalize` would read, not yet
     normalised (the training loader's fast path; :func:`normalize_batch` finishes the batch)."""
-    x = np.ascontiguousarray(_hwc(image).transpose(2, 0, 1))
+    hwc = _hwc(image)
+    if hwc.shape[2] == 3 and hwc.flags.c_contiguous:
+        # OpenCV's SIMD de-interleave into the three planes: the same bytes as NumPy's transposing copy
+        # below, ~4x faster (the largest per-image cost of the loader after the decode)
+        x = np.empty((3, *hwc.shape[:2]), np.uint8)
+        cv2.split(hwc, [x[0], x[1], x[2]])
+        return torch.from_numpy(x)
+    x = np.ascontiguousarray(hwc.transpose(2, 0, 1))
     return torch.from_numpy(x if x.flags.writeable else x.copy())  # a 1-channel view of Pillow's read-only bytes
 
 

@@ -57,7 +57,7 @@ class FaceTransform:
     accepts_array = True  # and a decoded uint8 array (H x W x 3 or H x W) as well as a PIL image
 
     def __post_init__(self) -> None:
-        _hw(self.size)
+        object.__setattr__(self, "_out_hw", _hw(self.size))  # validated once; not a field (eq/hash/repr)
         if not 0.0 <= self.flip_p <= 1.0:
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
         if self.channels not in (1, 3):
@@ -99,7 +99,7 @@ class FaceTransform:
     def _ready(self, arr: np.ndarray) -> bool:
         """``arr`` is uint8 in the output's channels and size: nothing to convert or resize."""
         channels_ok = (arr.ndim == 3 and arr.shape[2] == 3) if self.channels == 3 else arr.ndim == 2
-        hw = _hw(self.size)
+        hw = self._out_hw
         return arr.dtype == np.uint8 and channels_ok and (hw is None or arr.shape[:2] == hw)
 
 
