@@ -254,3 +254,17 @@ def rendezvous(tmp: Path, rank: int, world: int, name: str = "ready", timeout: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {rank}: the other ranks never reached {name!r}")
         time.sleep(0.01)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor (``AuthenticAMD``, ``GenuineIntel``...): float kernels, and so bit-pinned digests,
+    differ between vendors even at the same SIMD level (oneDNN / MKL pick other code paths)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import cpu_vendor
+
 PATH = Path(__file__).parent / "data" / "default_case.json"
 C, D, B, Q, STEPS = 300, 32, 16, 40, 5
 
@@ -106,7 +108,7 @@ def compute() -> dict:
         out = {f"{n}{'/amp' if amp else ''}": digest(run_case(n, amp)) for n, amp in cases()}
     finally:
         torch.set_num_threads(threads)
-    return {"torch": torch.__version__, "machine": platform.machine(), "cases": out}
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu_vendor": cpu_vendor(), "cases": out}
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 digests were recorded on (main a3e47de, before the reliability work), so a reproduction study running on
 earlier code stays comparable.
 
-The digests depend on the torch build and the CPU's SIMD level (float reductions are ordered differently
-elsewhere); on another platform the test is skipped and says how to record new ones
-(``python -m tests.reliability.test_numerics`` on the reference commit)."""
+The digests depend on the torch build, the CPU's SIMD level and its vendor (float reductions are ordered
+differently elsewhere; an Intel CPU with AMX gave other digests than the AMD one they were recorded on); on
+another platform the test is skipped and says how to record new ones (``python -m
+tests.reliability.test_numerics`` on the reference commit)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 from broadface.train.trainer import Trainer
-from tests.helpers import celeba_faces, tiny_config
+from tests.helpers import celeba_faces, cpu_vendor, tiny_config
 
-PLATFORM = "2.13.0+cpu AVX512"
+PLATFORM = "2.13.0+cpu AVX512 AuthenticAMD"
 # name -> (overrides, digest of backbone + classifier + queue + optimizer state after training)
 RUNS = {
     "injected_queue": (["head.queue_size=20", "train.steps=6", "schedule.warmup_steps=2", "schedule.milestones=[4]",
@@ -29,7 +30,7 @@ RUNS = {
 
 
 def platform() -> str:
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {cpu_vendor()}"
 
 
 def digest(trainer: Trainer) -> str:
