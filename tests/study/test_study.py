@@ -107,6 +107,24 @@ def _fake(spec, r1, step_ms=10.0, classes=964):
             "num_classes": classes, "fill": spec.queue, "curve": [], "errors": [], "losses": []}
 
 
+def test_arm_table_pairs_compensation_against_no_compensation_by_seed():
+    """Table 6a's ablation: the compensated arm against the uncompensated one of the same seed and queue."""
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.03), (2, -0.02)):
+        base = RunSpec(part="warm", seed=seed)
+        runs += [_fake(base, 0.70 + shift), _fake(replace(base, queue=8192), 0.72 + shift + 0.01 * seed),
+                 _fake(replace(base, queue=8192, compensate=False), 0.69 + shift)]
+    group = report._base_key(RunSpec(part="warm", seed=0))
+    d = report.compensation_gain(runs, "warm", group, 8192)
+    assert d.n == 3 and d.mean == pytest.approx(0.04) and d.se == pytest.approx(0.01 / 3 ** 0.5)
+    assert report.compensation_gain(runs, "warm", group, 0) is None
+    table = markdown.arm_table({"runs": runs, "config": asdict(StudyConfig())}, "warm")
+    row = next(line for line in table.splitlines() if line.startswith("| BroadFace 8192 |"))
+    assert row.split(" | ")[4:6] == ["+3.00 ± 0.58 (n=3)", "+4.00 ± 0.58 (n=3)"]
+    raw = next(line for line in table.splitlines() if line.startswith("| BroadFace 8192, no compensation |"))
+    assert raw.split(" | ")[5] == "–"
+
+
 def test_union_and_margin_tables_pair_by_seed():
     """Paired Δ of each union setting against the fp32 union of the same queue, and of each margin's queue arm."""
     runs = []

@@ -26,10 +26,11 @@ def _arm(q: int, c: bool) -> str:
 
 
 def arm_table(data: dict, part: str) -> str:
-    """One row per arm of a part: Recall@1/8 over seeds, paired gain, cost."""
+    """One row per arm of a part: Recall@1/8 over seeds, paired gains (over queue 0; a compensated arm also
+    over the uncompensated one at its queue), cost."""
     runs = data["runs"]
-    rows = ["| arm | seeds | Recall@1 | Recall@8 | paired Δ Recall@1, points | step time vs queue 0 | step MB |",
-            "|---|---:|---|---|---|---:|---:|"]
+    rows = ["| arm | seeds | Recall@1 | Recall@8 | paired Δ Recall@1, points | Δ vs no compensation, points "
+            "| step time vs queue 0 | step MB |", "|---|---:|---|---|---|---|---:|---:|"]
     a = report.arms(runs, part)
     from_runs = False
     for (g, q, c), by_seed in sorted(a.items(), key=lambda kv: (kv[0][1], not kv[0][2])):
@@ -37,6 +38,7 @@ def arm_table(data: dict, part: str) -> str:
         s = RunSpec.from_dict(r0["spec"])
         cost = report.cost_of(data, int(r0["num_classes"]), s.batch, q)
         gain = "–" if q == 0 else report.fmt_gain(report.gain(runs, part, g, q, c))
+        vs_raw = report.fmt_gain(report.compensation_gain(runs, part, g, q)) if c else "–"
         ratio = f"{cost['vs_q0']:.2f}×" if "vs_q0" in cost else "–"
         if "vs_q0" not in cost and q and (own := report.step_ratio(by_seed, a.get((g, 0, True), {}))) is not None:
             ratio, from_runs = f"{own:.2f}× ‡", True
@@ -44,7 +46,8 @@ def arm_table(data: dict, part: str) -> str:
         dagger = " †" if any("source" in r for r in by_seed.values()) else ""
         rows.append(f"| {_arm(q, c)}{dagger} | {len(by_seed)} "
                     f"| {report.mean_sd([r['recall@1'] for r in by_seed.values()])} "
-                    f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {ratio} | {mb} |")
+                    f"| {report.mean_sd([r['recall@8'] for r in by_seed.values()])} | {gain} | {vs_raw} | {ratio} "
+                    f"| {mb} |")
     return "\n".join(rows + ([FROM_RUNS] if from_runs else []))
 
 

@@ -48,6 +48,17 @@ def gain(runs: list[dict], part: str, group: str, queue: int, compensate: bool,
     return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
 
 
+def compensation_gain(runs: list[dict], part: str, group: str, queue: int,
+                      metric: str = "recall@1") -> PairedDifference | None:
+    """Paired gain of the compensated arm over the uncompensated one at the same queue (the paper's Table 6a
+    ablation), or None if either is missing."""
+    a = arms(runs, part)
+    comp, raw = a.get((group, queue, True)), a.get((group, queue, False))
+    if not queue or not comp or not raw or not set(comp) & set(raw):
+        return None
+    return paired_difference({k: v[metric] for k, v in comp.items()}, {k: v[metric] for k, v in raw.items()})
+
+
 def head_arms(runs: list[dict], part: str) -> dict[tuple[str, int, tuple], dict[int, dict]]:
     """``{(group key, queue, head settings): {seed: record}}``: arms that differ in the queue and the head's
     settings (union dtype, sample rate) are paired within a group."""
