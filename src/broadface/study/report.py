@@ -38,25 +38,28 @@ def arms(runs: list[dict], part: str) -> dict[tuple[str, int, bool], dict[int, d
     return out
 
 
+def _paired(arm: dict[int, dict] | None, base: dict[int, dict] | None, metric: str) -> PairedDifference | None:
+    """Paired difference ``arm − base`` over their common seeds, or None if either is missing or none is shared."""
+    if not base or not arm or not set(base) & set(arm):
+        return None
+    return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
+
+
 def gain(runs: list[dict], part: str, group: str, queue: int, compensate: bool,
          metric: str = "recall@1") -> PairedDifference | None:
     """Paired gain of an arm over the queue-0 arm of its group, or None if either is missing."""
     a = arms(runs, part)
-    base, arm = a.get((group, 0, True)), a.get((group, queue, compensate))
-    if not base or not arm or not set(base) & set(arm):
-        return None
-    return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
+    return _paired(a.get((group, queue, compensate)), a.get((group, 0, True)), metric)
 
 
 def compensation_gain(runs: list[dict], part: str, group: str, queue: int,
                       metric: str = "recall@1") -> PairedDifference | None:
     """Paired gain of the compensated arm over the uncompensated one at the same queue (the paper's Table 6a
     ablation), or None if either is missing."""
-    a = arms(runs, part)
-    comp, raw = a.get((group, queue, True)), a.get((group, queue, False))
-    if not queue or not comp or not raw or not set(comp) & set(raw):
+    if not queue:
         return None
-    return paired_difference({k: v[metric] for k, v in comp.items()}, {k: v[metric] for k, v in raw.items()})
+    a = arms(runs, part)
+    return _paired(a.get((group, queue, True)), a.get((group, queue, False)), metric)
 
 
 def head_arms(runs: list[dict], part: str) -> dict[tuple[str, int, tuple], dict[int, dict]]:
@@ -73,10 +76,7 @@ def head_gain(runs: list[dict], part: str, group: str, queue: int, head: tuple, 
               base_head: tuple = (), metric: str = "recall@1") -> PairedDifference | None:
     """Paired difference of arm (queue, head) over arm (base_queue, base_head) of its group (None: either missing)."""
     a = head_arms(runs, part)
-    arm, base = a.get((group, queue, head)), a.get((group, base_queue, base_head))
-    if not arm or not base or not set(arm) & set(base):
-        return None
-    return paired_difference({k: v[metric] for k, v in arm.items()}, {k: v[metric] for k, v in base.items()})
+    return _paired(a.get((group, queue, head)), a.get((group, base_queue, base_head)), metric)
 
 
 def _paired_steps(arm: dict[int, dict], base: dict[int, dict]) -> list[tuple[float, float]]:
