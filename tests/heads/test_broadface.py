@@ -240,3 +240,22 @@ def test_diagnostics_entries_oldest_first_with_ids_ages_and_both_embeddings():
 def test_rejects_non_margin_head():
     with pytest.raises(ValueError, match="MarginHead"):
         BroadFace(torch.nn.Linear(3, 4))
+
+
+def test_union_buffers_are_kept_between_steps_and_do_not_change_a_result():
+    """The CPU union reuses its logit buffers step after step (no fresh page faults); a head whose buffers
+    hold an earlier, larger step's numbers gives the bits of one that starts with none."""
+    import copy
+
+    head = _head(queue_size=12, chunk_size=4)
+    _run(head, 4)                                            # the queue is full: 5 + 12 union rows
+    kept = dict(head.union_buffers.bufs)
+    assert kept and head.union_buffers.nbytes() > 0
+    fresh = copy.deepcopy(head)
+    assert fresh.union_buffers.bufs == {}                    # a copy shares no temporaries
+    got, want = _run(head, 2, seed=1), _run(fresh, 2, seed=1)
+    assert all(head.union_buffers.bufs[k].data_ptr() == v.data_ptr() for k, v in kept.items())
+    for (l1, e1, w1, _), (l2, e2, w2, _) in zip(got, want):
+        assert torch.equal(l1, l2) and torch.equal(e1, e2) and torch.equal(w1, w2)
+    head.union_buffers.clear()
+    assert head.union_buffers.nbytes() == 0

@@ -130,12 +130,36 @@ def test_lse_softmax_in_place_is_logsumexp_and_softmax():
 
 @pytest.mark.parametrize("dtype,passes", [(torch.bfloat16, 1), (torch.float32, 2)])
 def test_low_precision_union_exponentiates_each_chunk_once(monkeypatch, dtype, passes):
-    """The reduced-precision union takes its softmax from the log-sum-exp's exponentials (one exp pass per
-    chunk); the fp32 path keeps its two passes (its bits are pinned by tests/heads/test_default_path.py)."""
+    """The reduced-precision union takes its softmax from the log-sum-exp's exponentials (one exp of each
+    logit); the fp32 path keeps its two (its bits are pinned by tests/heads/test_default_path.py)."""
     calls = []
     real = torch.Tensor.exp_
-    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: (calls.append(t.shape), real(t))[1])
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: (calls.append(t.numel()), real(t))[1])
     w, f, y = union_case(0.3)
     union(w, f, y, dtype)
-    chunks = -(-N // 300)
-    assert len(calls) == passes * chunks
+    assert sum(calls) == passes * f.shape[0] * w.shape[0]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 50000), (2, 50000), (11, 50000), (9, 3000), (700, 600)])
+@pytest.mark.parametrize("one_exp", [False, True])
+def test_blocked_lse_and_softmax_are_the_whole_chunk_passes_bit_for_bit(rows, cols, one_exp):
+    """A few rows at a time (11 rows of 50k: blocks of 5, 6 — the lone last row joined), the very bits of
+    torch's whole-tensor log-sum-exp and softmax steps, recomputed here from torch's own ops."""
+    from broadface.heads.union import Scratch, local_lse_softmax_, row_blocks
+
+    z = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 8.0
+    blocks = row_blocks(rows, cols, z.device)
+    assert blocks[0] == (0, rows) or len(blocks) > 1 and all(b - a > 1 for a, b in blocks)
+    if one_exp:
+        m = z.amax(dim=1, keepdim=True)
+        e = torch.exp(z - m)
+        total = e.sum(dim=1, keepdim=True)
+        want_lse, want_p = (total.log() + m).squeeze(1), e * total.reciprocal()
+    else:
+        want_lse = torch.logsumexp(z, dim=1)
+        want_p = torch.exp(z - want_lse[:, None])
+    got_p = z.clone()
+    got_lse = local_lse_softmax_(got_p, True, one_exp, Scratch())
+    assert torch.equal(got_lse, want_lse) and torch.equal(got_p, want_p)
+    if rows >= 11:
+        assert len(blocks) > 1  # the case is blocked at all

@@ -33,7 +33,7 @@ from broadface.heads.margins import MarginHead, check_labels, row_norm
 from broadface.heads.partition import ClassPartition, init_rows
 from broadface.heads.queue import (EmbeddingQueue, QueueEntries, compensate, entries_from_state, state_from_entries,
                                    subcenter_rows)
-from broadface.heads.union import UNION_DTYPES, chunked_margin_ce
+from broadface.heads.union import UNION_DTYPES, Scratch, chunked_margin_ce
 
 
 @dataclass
@@ -80,7 +80,9 @@ class BroadFace(nn.Module):
         margin: the classifier/margin (e.g. ``ArcFace(C, D)``; sharded: this rank's rows); its weight is ``W``.
         queue_size: queue entries in samples, per rank when sharded (paper: 8192 per GPU).
         compensate: apply Eq. 7; ``False`` is the paper's uncompensated ablation.
-        chunk_size: rows of the union whose (rows × C) logits are alive at once.
+        chunk_size: rows of the union whose (rows × C) logits are alive at once; on the CPU their buffers
+            stay allocated between steps in :attr:`union_buffers` (``.clear()`` frees them), since
+            faulting them in afresh every step costs more than the element-wise work on them.
         storage: ``"compact"`` (u = e⁻ − λW⁻_y and λ: D+2 numbers per entry) or ``"full"`` (e⁻ and W⁻_y);
             default compact, full with ``diagnostics``.
         storage_dtype: dtype of the queued vectors (float32, bfloat16 or float16).
@@ -120,6 +122,7 @@ class BroadFace(nn.Module):
                                     compensate=compensate, track_ids=diagnostics, keep_norms=margin.uses_norm,
                                     subcenters=margin.subcenters > 1)
         self.stats: HeadStats | None = None
+        self.union_buffers = Scratch()  # the union's CPU temporaries, kept for the next step (.clear() frees)
 
     @classmethod
     def sharded(cls, margin: Callable[[int, int], MarginHead], num_classes: int, embedding_size: int,
@@ -198,7 +201,7 @@ class BroadFace(nn.Module):
 
     def _union_options(self, feats: Tensor, queue: QueueEntries) -> dict[str, Any]:
         """The union's dtype and the margin's per-row inputs (the batch's ‖e‖ and the queued ‖e⁻‖)."""
-        m, opts = self.margin, {"dtype": self.union_dtype}
+        m, opts = self.margin, {"dtype": self.union_dtype, "scratch": self.union_buffers}
         if m.uses_norm:
             opts["norm"] = torch.cat([row_norm(feats).detach(), queue.norms.float()])
         if m.negatives is not None:

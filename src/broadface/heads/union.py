@@ -11,6 +11,9 @@ For a row with logits ``z = s·cos`` (target column ``s·φ(cos_y)``) and ``p = 
 (the scale rides on the matmul inputs and on ``addmm``'s alpha, so no extra pass over (k, C)):
 ``∂L/∂cos_j = s·p_j`` for ``j ≠ y`` and ``∂L/∂cos_y = s·(p_y − 1)·φ'(cos_y)``, and
 ``∂L/∂Ŵ = (∂L/∂cos)ᵀ ê``. ``φ'`` comes from autograd on the (N,) target vector alone.
+In one process on the CPU the log-sum-exp and softmax of a chunk run a few rows at a time
+(:func:`local_lse_softmax_`): the same bits as whole-chunk passes, with the (k, C) logits crossing
+memory once each way instead of six times.
 
 Options (none of them touches the float32 path above):
 
@@ -64,11 +67,16 @@ def local_lse(z: Tensor, target_logit: Tensor, scratch: Tensor | None = None) ->
 
     With ``scratch`` (a buffer of z's shape) the steps of ``torch.logsumexp`` run in it instead of a
     fresh (k, C) temporary: the same result bit for bit (tests/heads/test_union.py pins it)."""
+    return _logsumexp(z, scratch), target_logit
+
+
+def _logsumexp(z: Tensor, scratch: Tensor | None) -> Tensor:
+    """``torch.logsumexp(z, dim=1)``, its steps run in ``scratch`` when given."""
     if scratch is None:
-        return torch.logsumexp(z, dim=1), target_logit
+        return torch.logsumexp(z, dim=1)
     m = _row_max(z)
     total = torch.sub(z, m, out=scratch).exp_().sum(dim=1)
-    return total.log_().add_(m.squeeze(1)), target_logit
+    return total.log_().add_(m.squeeze(1))
 
 
 def lse_softmax_(z: Tensor, need_softmax: bool) -> Tensor:
@@ -82,20 +90,77 @@ def lse_softmax_(z: Tensor, need_softmax: bool) -> Tensor:
 
 
 class Scratch:
-    """(rows, cols) buffers reused by every chunk of one union: on the CPU a fresh tensor of that size costs
-    a pass of page faults (measured ~0.4 s per 0.5 GB under load), more than the element-wise work on it."""
+    """Named buffers for the union's (rows, cols) temporaries, reused by every chunk and, kept by the head,
+    by every step: on the CPU a fresh tensor of that size costs a pass of page faults as it is first
+    written (a 1.4 GB logit chunk: about a second, more than the element-wise work on it). Each buffer
+    grows to the largest request and is viewed at the size asked for. :meth:`clear` frees them."""
 
-    def __init__(self, rows: int, device: torch.device):
-        self.rows, self.device, self.bufs = rows, device, {}
+    def __init__(self):
+        self.bufs: dict[str, Tensor] = {}
 
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """The first ``rows`` rows of buffer ``name`` (None on CUDA, whose caching allocator makes this moot)."""
-        if self.device.type == "cuda":
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> Tensor | None:
+        """A (rows, cols) view of buffer ``name``; None on CUDA, whose caching allocator makes this moot."""
+        device = torch.device(device)
+        if device.type == "cuda":
             return None
-        buf = self.bufs.get(name)
-        if buf is None or buf.shape[1] != cols or buf.dtype != dtype:
-            buf = self.bufs[name] = torch.empty(self.rows, cols, dtype=dtype, device=self.device)
-        return buf[:rows]
+        buf, size = self.bufs.get(name), rows * cols
+        if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != device:
+            self.bufs.pop(name, None)  # free the old one first: never two at once
+            buf = self.bufs[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:size].view(rows, cols)
+
+    def clear(self) -> None:
+        self.bufs.clear()
+
+    def __deepcopy__(self, memo) -> "Scratch":
+        return Scratch()  # temporaries, not state: a copied head starts with none
+
+    def __getstate__(self) -> dict:
+        return {"bufs": {}}
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bufs.values())
+
+
+BLOCK_BYTES = 1 << 20  # a block of logit rows and its scratch: a core's L2 cache holds both
+
+
+def row_blocks(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` of about BLOCK_BYTES of fp32 each (one range on CUDA). A lone last row joins
+    the block before it: torch splits a one-row reduction across threads (other bits), a longer one by rows."""
+    if device.type == "cuda":
+        return [(0, rows)]
+    starts = list(range(0, rows, max(2, BLOCK_BYTES // (4 * max(cols, 1)))))
+    if len(starts) > 1 and rows - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [rows]))
+
+
+def local_lse_softmax_(z: Tensor, need_softmax: bool, one_exp: bool, scratch: Scratch) -> Tensor:
+    """Row-wise log-sum-exp of ``z`` (k, C) when this process holds every class, turning ``z`` in place
+    into ``softmax(z)`` when ``need_softmax``; ``one_exp``: by :func:`lse_softmax_`, else by
+    :func:`local_lse` and ``exp(z − lse)``.
+
+    A block of rows at a time (:func:`row_blocks`), so each block's passes (max, shift, exp, sum, exp)
+    run in cache and ``z`` crosses memory once each way instead of in six (k, C) passes. Every step is
+    per element or per row, so the result is that of the whole-chunk passes bit for bit
+    (tests/heads/test_union.py compares them)."""
+    blocks = row_blocks(*z.shape, z.device)
+    if len(blocks) == 1 and one_exp:
+        return lse_softmax_(z, need_softmax)
+    out = z.new_empty(z.shape[0])
+    buf = scratch.get("block", max(b - a for a, b in blocks), z.shape[1], device=z.device)
+    for a, b in blocks:
+        zb = z[a:b]
+        if one_exp:
+            out[a:b] = lse_softmax_(zb, need_softmax)
+            continue
+        lse_b = _logsumexp(zb, None if buf is None else buf[:b - a])
+        if need_softmax:
+            zb.sub_(lse_b.unsqueeze(1)).exp_()
+        out[a:b] = lse_b
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,6 +171,7 @@ class UnionOptions:
     norm: Tensor | None = None  # (N,) per-row margin input
     negatives: Callable[[Tensor, Tensor], Tensor] | None = None
     row_sum: Callable[[Tensor], Tensor] | None = None  # sums a per-row tensor over ranks (None: one process)
+    scratch: Scratch | None = None  # buffers kept by the caller across calls (None: this call's own)
 
     @property
     def low_precision(self) -> bool:
@@ -156,8 +222,8 @@ class ChunkedMarginCE(torch.autograd.Function):
             w_mm = w if subs == 1 else w.reshape(-1, w.shape[-1])         # (C·K, D), class-major
             w_lp = w_mm.to(opts.dtype) if opts.low_precision else w_mm
             total = torch.zeros((), dtype=torch.float64, device=w.device)
-            scratch = Scratch(min(chunk_size, n), w.device)
-            one_exp = opts.low_precision and lse is local_lse
+            scratch = opts.scratch or Scratch()
+            local = lse is local_lse
             for start in range(0, n, chunk_size):
                 f = feats_n[start:start + chunk_size].float()
                 t = target[start:start + chunk_size]
@@ -178,13 +244,13 @@ class ChunkedMarginCE(torch.autograd.Function):
                     z_t = z.gather(1, col).squeeze(1)                         # rows of another rank's class
                 tz = torch.where(own, scale * phi, 0.0)
                 z.scatter_(1, col, torch.where(own, tz, z_t).unsqueeze(1))
-                if one_exp:
-                    row_lse = lse_softmax_(z, need_grad)             # z is now the softmax
+                if local:                                            # z is now the softmax (with grad)
+                    row_lse = local_lse_softmax_(z, need_grad, opts.low_precision, scratch)
                 else:
-                    row_lse, tz = lse(z, tz, scratch.get("lse", *z.shape))
+                    row_lse, tz = lse(z, tz, scratch.get("lse", *z.shape, device=z.device))
                 total += (row_lse - tz).sum(dtype=torch.float64)
                 if need_grad:
-                    p = z if one_exp else z.sub_(row_lse.unsqueeze(1)).exp_()          # softmax, in place
+                    p = z if local else z.sub_(row_lse.unsqueeze(1)).exp_()          # softmax, in place
                     p_t = p.gather(1, col).squeeze(1)
                     keep = p_t
                     if neg_slope is not None:
@@ -204,11 +270,11 @@ class ChunkedMarginCE(torch.autograd.Function):
 
 def _logits(f: Tensor, w_mm: Tensor, w_lp: Tensor, scale: float, opts: UnionOptions, scratch: Scratch) -> Tensor:
     """The chunk's ``s·cos`` (k, C·K) in fp32, written into the scratch buffers."""
-    z = scratch.get("z", f.shape[0], w_mm.shape[0])
+    z = scratch.get("z", f.shape[0], w_mm.shape[0], device=f.device)
     if not opts.low_precision:
         return torch.mm(f * scale, w_mm.t(), out=z) if z is not None else torch.mm(f * scale, w_mm.t())
     f_lp = (f * scale).to(opts.dtype)
-    low = scratch.get("low", f.shape[0], w_mm.shape[0], opts.dtype)
+    low = scratch.get("low", f.shape[0], w_mm.shape[0], opts.dtype, f.device)
     if low is None:
         return _mm(f_lp, w_lp.t())
     return z.copy_(torch.mm(f_lp, w_lp.t(), out=low))
@@ -222,7 +288,7 @@ def _accumulate(grad_w: Tensor, p: Tensor, f: Tensor, scale: float, arg: Tensor 
                                                                                 p.unsqueeze(2)).view(p.shape[0], -1)
     g = grad_w if subs == 1 else grad_w.view(-1, grad_w.shape[-1])
     if opts.low_precision:
-        low = scratch.get("low", *p.shape, dtype=opts.dtype)
+        low = scratch.get("low", *p.shape, dtype=opts.dtype, device=p.device)
         p_lp = p.to(opts.dtype) if low is None else low.copy_(p)
         g.t().add_(_mm(f.to(opts.dtype).t(), p_lp), alpha=scale)  # ∂Wᵀ: (D, k) @ (k, C)
     else:
@@ -233,16 +299,16 @@ def chunked_margin_ce(weight_n: Tensor, feats_n: Tensor, target: Tensor, margin:
                       scale: float, chunk_size: int = 4096, lse: LseFn = local_lse, *,
                       dtype: torch.dtype = torch.float32, norm: Tensor | None = None,
                       negatives: Callable[[Tensor, Tensor], Tensor] | None = None,
-                      row_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                      row_sum: Callable[[Tensor], Tensor] | None = None, scratch: Scratch | None = None) -> Tensor:
     """Mean margin CE of fixed normalised ``feats_n`` against normalised ``weight_n``: the union loss.
 
     Gradients flow to ``weight_n`` only; ``feats_n`` and ``target`` (columns, −1: not held here) are data.
     ``weight_n`` of shape (C, K, D) holds K sub-centres per class. ``dtype``, ``norm``, ``negatives``
-    and ``row_sum``: the options of the module docstring.
+    and ``row_sum``: the options of the module docstring; ``scratch``: buffers to reuse (:class:`Scratch`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if dtype not in UNION_DTYPES:
         raise ValueError(f"union dtype must be float32, bfloat16 or float16, got {dtype}")
-    opts = UnionOptions(dtype, None if norm is None else norm.detach().float(), negatives, row_sum)
+    opts = UnionOptions(dtype, None if norm is None else norm.detach().float(), negatives, row_sum, scratch)
     return ChunkedMarginCE.apply(weight_n, feats_n.detach(), target, margin, scale, chunk_size, lse, opts)
