@@ -92,7 +92,7 @@ def lse_softmax_(z: Tensor, need_softmax: bool) -> Tensor:
 class Scratch:
     """Named buffers for the union's (rows, cols) temporaries, reused by every chunk and, kept by the head,
     by every step: on the CPU a fresh tensor of that size costs a pass of page faults as it is first
-    written (a 1.4 GB logit chunk: about a second, more than the element-wise work on it). Each buffer
+    written (a 1.4 GB logit chunk: over a second, more than the element-wise work on it). Each buffer
     grows to the largest request and is viewed at the size asked for. :meth:`clear` frees them."""
 
     def __init__(self):
