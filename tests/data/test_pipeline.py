@@ -181,3 +181,27 @@ def test_load_images_errors_name_the_file(face_file, tmp_path):
         load_images([tmp_path / "missing.jpg"])
     with pytest.raises(ValueError, match="no paths"):
         load_images([])
+
+
+@pytest.mark.parametrize("mean,std", [((127.5,) * 3, (127.5,) * 3), ((0.0,) * 3, (255.0,) * 3),
+                                      ((123.7, 116.3, 103.5), (58.4, 57.1, 57.4))])
+def test_batch_normalizer_on_the_cpu_is_one_table_pass_with_the_same_bits(monkeypatch, mean, std):
+    """Channels sharing mean and std: one cv2.LUT pass; the floats of ``x / std − mean / std`` in float32
+    for every uint8 value, recomputed here in NumPy. Per-channel values (no shared table) and a
+    non-contiguous batch take the arithmetic path, with the same result."""
+    from broadface.data import pipeline
+
+    calls = []
+    real = pipeline.cv2.LUT
+    monkeypatch.setattr(pipeline.cv2, "LUT", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=g)
+    pixels[0] = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)  # every value in every channel
+    x, s = pixels.numpy().astype(np.float32), np.float32(std).reshape(1, 3, 1, 1)
+    want = torch.from_numpy(x / s - np.float32(mean).reshape(1, 3, 1, 1) / s)
+    norm = pipeline.BatchNormalizer(mean, std)
+    got = norm(pixels)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert len(calls) == (1 if len(set(std)) == 1 and len(set(mean)) == 1 else 0)
+    strided = pixels.transpose(2, 3)
+    assert not strided.is_contiguous() and torch.equal(norm(strided), want.transpose(2, 3))
