@@ -97,3 +97,18 @@ def test_a_folder_hands_arrays_only_to_transforms_that_take_them(lfw_dir):
     assert isinstance(ds.image(0)[0], Image.Image)
     pix = FaceFolder(lfw_dir, TrainTransform(112, pixels=True))
     assert isinstance(pix._decoded(0)[0], np.ndarray)
+
+
+def test_read_bytes_is_the_whole_file_whatever_its_size(tmp_path):
+    """One descriptor read for a regular file, more until end of file: empty, small and > 1 MiB files come back
+    whole (compared with Python's own file read); a folder or a missing file raises OSError."""
+    from broadface.data.images import read_bytes
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 5000, (1 << 20) * 3 + 7):
+        p = tmp_path / f"f{n}"
+        p.write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        assert read_bytes(p) == p.read_bytes()
+    for bad in (tmp_path, tmp_path / "gone"):
+        with pytest.raises(OSError):
+            read_bytes(bad)

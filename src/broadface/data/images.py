@@ -57,6 +57,19 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A whole file's bytes, by file descriptor: a third to a half of ``open(path, "rb").read()``'s cost on a
+    5 KB face (no buffered file object to build), which the loaders pay once per image."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+        while parts[-1]:  # until end of file (a file that grew; Linux reads at most 2 GiB a call)
+            parts.append(os.read(fd, 1 << 20))
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _source_bytes(src: Source, name: str | None) -> tuple[bytes | bytearray | memoryview, str]:
     """``(encoded bytes, name for messages)`` of a path or bytes source: a file is read in one call (Pillow
     parsing a file object reads it in many small pieces); an unreadable one raises naming it."""
@@ -64,8 +77,7 @@ def _source_bytes(src: Source, name: str | None) -> tuple[bytes | bytearray | me
         return src, "<bytes>" if name is None else name
     name = os.fspath(src) if name is None else name
     try:
-        with open(src, "rb") as f:
-            return f.read(), name
+        return read_bytes(src), name
     except OSError as err:
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
