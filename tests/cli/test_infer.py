@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from broadface.cli.main import main
-from tests.helpers import need_lfw_landmark_convention
 from broadface.models import build_model
 from broadface.paths import data_root
-from tests.helpers import reference_embeddings, save_backbone
+from tests.helpers import need_lfw_landmark_convention, reference_embeddings, save_backbone
 
 PEOPLE = {"Abdullah_Gul": 2, "Adrien_Brody": 2, "Al_Gore": 1}
 
