@@ -152,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from broadface.allocator import configure_from_env
+
+    configure_from_env()  # as the broadface command: freed memory kept unless BROADFACE_MALLOC=system
     main()

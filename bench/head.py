@@ -183,6 +183,8 @@ def run_config(cfg: dict, mem_limit_gib: float, src: str | None = None, mode: st
         if est > mem_limit_gib:
             return {"skipped": f"needs ~{est:.0f} GiB"}
     env = dict(os.environ, **({"PYTHONPATH": src, "PYTHONDONTWRITEBYTECODE": "1"} if src else {}))
+    if src and os.environ.get("BROADFACE_MALLOC", "keep") != "system":  # allocator.keep_freed_memory's settings
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
     out = subprocess.run([sys.executable, __file__, mode, json.dumps(cfg)], capture_output=True, text=True,
                          env=env)
     if out.returncode < 0:  # SIGKILL from the kernel's OOM killer, typically
@@ -206,7 +208,19 @@ def _row(C: int, Q: int, name: str, r: dict, fp32: dict, peaks: dict) -> str:
             f"| {speed} | {cpu} | {gf:,.0f} | {gf / peaks[peak_name]:.0%} of {peak_name} |")
 
 
+def malloc_setup() -> str:
+    """The broadface command's allocator set-up (freed memory kept unless BROADFACE_MALLOC=system); an older
+    checkout's code (--compare-src) may predate broadface.allocator: there glibc's own environment variables,
+    set by run_config, do the same."""
+    try:
+        from broadface.allocator import configure_from_env
+    except ImportError:
+        return "keep (glibc env)" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system"
+    return configure_from_env()
+
+
 def main() -> None:
+    malloc = malloc_setup()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="C=10k, Q=4096, fewer repetitions")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +251,8 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     peaks = {"fp32": matmul_gflops(args.device, args.threads, torch.float32),
              "bf16": matmul_gflops(args.device, args.threads, torch.bfloat16)}
-    print(f"device={args.device} threads={args.threads} B={B} D={D}; matmul 2048³: {peaks['fp32']:.0f} GFLOP/s fp32, "
+    print(f"device={args.device} threads={args.threads} malloc={malloc} B={B} D={D}; "
+          f"matmul 2048³: {peaks['fp32']:.0f} GFLOP/s fp32, "
           f"{peaks['bf16']:.0f} GFLOP/s bf16; load average {os.getloadavg()[0]:.1f}\n")
     print("| C | Q | union | classes used | step ms | peak MiB | speed vs fp32 union | same, CPU time | GFLOP/s "
           "| of peak |")

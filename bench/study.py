@@ -21,6 +21,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from broadface.allocator import configure_from_env
 from broadface.fileio import atomic_write_json
 from broadface.study import costs, markdown
 from broadface.study.plan import PARTS, StudyConfig, plan
@@ -65,7 +66,7 @@ def train_all(specs: list[RunSpec], data: dict, json_path: Path, work: Path, wor
     print(f"{len(todo)} of {len(specs)} runs to do ({len(done)} in {json_path}), {len(warms) - len(ready)} warm starts",
           flush=True)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=configure_from_env) as pool:
         running: dict = {}
         queue = [("warm", w) for w in warms if w not in ready] + [("arm", s) for s in todo]
         while queue or running:
@@ -222,4 +223,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from broadface.allocator import configure_from_env
+
+    configure_from_env()  # as the broadface command: freed memory kept unless BROADFACE_MALLOC=system
     main()

@@ -158,6 +158,9 @@ def _mb(v: float) -> str:
 
 
 def main() -> None:
+    from broadface.allocator import configure_from_env
+
+    malloc = configure_from_env()  # as the broadface command: freed memory kept unless BROADFACE_MALLOC=system
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="mobilefacenet 56x56, fewer steps and rounds")
     p.add_argument("--model", default=None)
@@ -194,7 +197,8 @@ def main() -> None:
 
     print(f"# {args.model} {args.size}x{args.size}, D={args.dim}, B={args.batch}, C={args.classes}, Q={args.queue}, "
           f"amp={args.amp}, micro-batch {args.micro_batch}, {args.steps} timed steps after {args.warmup} warm-up, "
-          f"{args.rounds} rounds, device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.1f}")
+          f"{args.rounds} rounds, device={args.device}, threads={args.threads}, malloc={malloc}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     if args.same_process:
         runs = interleaved(args)
     else:

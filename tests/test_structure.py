@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "broadface"
 
 # subpackage (or top-level module) -> the ones it may import (docs/architecture.md, "Layers")
-LOW = {"paths", "fileio", "metrics"}
+LOW = {"paths", "fileio", "metrics", "allocator"}
 ALLOWED = {
-    "paths": set(), "fileio": set(), "metrics": set(),
+    "paths": set(), "fileio": set(), "metrics": set(), "allocator": set(),
     "data": LOW,
     "dist": LOW | {"data"},
     "models": LOW | {"data"},

@@ -1,6 +1,6 @@
 """``python -m broadface`` (also what ``torchrun -m broadface train ...`` runs)."""
 import sys
 
-from broadface.cli.main import main
+from broadface.cli.main import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -80,5 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``broadface`` command and ``python -m broadface``: the process's allocator set up first
+    (:func:`broadface.allocator.configure_from_env`: freed memory kept unless BROADFACE_MALLOC=system),
+    then :func:`main`. Tests call :func:`main`, which leaves the allocator of their process alone."""
+    from broadface.allocator import configure_from_env
+
+    try:
+        configure_from_env()
+    except ValueError as err:
+        print(f"broadface: error: {err}", file=sys.stderr)
+        return 2
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

@@ -2,7 +2,8 @@
 
 Spawned, not forked: each job starts from a clean interpreter (no torch thread pool or RNG state
 inherited from the parent), so a job's result depends on its arguments alone, not on what ran beside
-it. The study's own scheduler (``bench/study.py``) also orders warm starts before the arms that need
+it. Each worker sets up its allocator as the ``broadface`` command does (``broadface.allocator``).
+The study's own scheduler (``bench/study.py``) also orders warm starts before the arms that need
 them; everything without such dependencies goes through :func:`run_parallel`.
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ def run_parallel(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        from broadface.allocator import configure_from_env
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=configure_from_env) as pool:
             futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
             for f in as_completed(futures):
                 finish(futures[f], f.result())
