@@ -35,6 +35,32 @@ def reuse_faults(keep: bool) -> list[int]:
     return out
 
 
+def training_digest(keep: bool) -> str:
+    """sha256 of an encoder and a BroadFace classifier after three SGD steps (C = 5,000, D = 128: its
+    logit chunks and gradients are blocks glibc maps apart by default)."""
+    import hashlib
+
+    from broadface.heads import ArcFace, BroadFace
+
+    if keep:
+        allocator.keep_freed_memory()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    enc = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
+    head = BroadFace(ArcFace(5000, 128), queue_size=2048)
+    opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x, y = torch.randn(512, 256), torch.randint(0, 5000, (512,))
+        head(enc(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    h = hashlib.sha256()
+    for t in [*enc.state_dict().values(), *head.state_dict().values()]:
+        if isinstance(t, torch.Tensor):  # skip _extra_state entries
+            h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _in_fresh_process(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
@@ -67,6 +93,15 @@ def test_pool_workers_keep_freed_memory_as_the_command_does(monkeypatch):
             monkeypatch.delenv(allocator.ENV_VAR, raising=False)
         faults = run_parallel(reuse_faults, [(False,), (False,)], 2)
         assert all((sum(f[-8:]) < 0.5 * PAGES) == kept for f in faults), (env, faults)
+
+
+def test_kept_memory_changes_no_bit_of_training():
+    runs = {}
+    for keep in (False, True):
+        out = _in_fresh_process(f"from tests.test_allocator import training_digest; print(training_digest({keep}))")
+        assert out.returncode == 0, out.stderr
+        runs[keep] = out.stdout.strip()
+    assert runs[False] == runs[True]
 
 
 def test_malloc_mode_reads_the_environment_and_names_it_on_a_bad_value(monkeypatch):
