@@ -7,7 +7,7 @@ row's step time and peak RSS under both with their ratios. Step times are bench/
 own medians (each variant in alternating rounds inside its run); the ratio of a row is the median over
 rounds of system ÷ keep. Same bits either way: only where memory comes from changes.
 
-    python bench/allocator.py                # C=85,742, Q=8192 head; MobileFaceNet 112 px, C=10k step: ~12 min
+    python bench/allocator.py                # C=85,742, Q=8192 head; MobileFaceNet 112 px, C=10k step: ~25 min
     python bench/allocator.py --rounds 1 --head-classes 10000 --train-size 56     # a quick look
 """
 from __future__ import annotations

@@ -169,12 +169,15 @@ def matmul_gflops(device: str, threads: int, dtype: torch.dtype) -> float:
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
-    t0, reps = time.perf_counter(), 5
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    best, reps = 0.0, 5
+    for _ in range(3):  # a peak: the best of three timings (one alone came out 0.68x of it on a cold VM)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def run_config(cfg: dict, mem_limit_gib: float, src: str | None = None, mode: str = "--worker") -> dict:

@@ -9,7 +9,7 @@ makes glibc take large blocks from its heap and never shrink it, so a freed bloc
 mapped, for the next step's tensor of that size. Same numbers bit for bit (only where memory comes
 from changes); the price is a higher resident peak: freed blocks stay mapped, and since torch asks for
 64-byte-aligned blocks a freed one is a little short for the next of its size until a few of them have
-merged (docs/performance.md: +16 % to +31 % peak RSS in the benchmarks, for 1.15× to 1.9× faster steps).
+merged (``bench/allocator.py``, docs/performance.md: +16 % to +37 % peak RSS, for 1.25× to 1.9× faster steps).
 
 The setting is the process's, so the library never makes it on import: every process broadface starts
 (the ``broadface`` command, its worker pools, the ``bench/`` scripts) calls :func:`configure_from_env`,
