@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import os
 import shutil
 import socket
@@ -28,6 +29,24 @@ from broadface.paths import data_root
 from broadface.train.config import Config, apply_overrides
 
 # ----------------------------------------------------------------------------- real data
+
+def state_digest(state: dict) -> str:
+    """sha256 over a nested dict of tensors (state dicts, optimizer state), keys sorted, other values by repr:
+    equal digests = equal bits."""
+    h = hashlib.sha256()
+
+    def feed(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            h.update(prefix.encode())
+            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                feed(f"{prefix}.{k}", obj[k])
+        else:
+            h.update(f"{prefix}={obj!r}".encode())
+    feed("", state)
+    return h.hexdigest()
+
 
 def lfw_tsv(root: Path) -> dict[str, np.ndarray]:
     """Detected rows of lfw/landmarks_mtcnn5.tsv: relative path -> 5x2 landmarks (original 250x250 coords)."""

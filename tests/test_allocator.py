@@ -36,11 +36,10 @@ def reuse_faults(keep: bool) -> list[int]:
 
 
 def training_digest(keep: bool) -> str:
-    """sha256 of an encoder and a BroadFace classifier after three SGD steps (C = 5,000, D = 128: its
+    """sha256 of an encoder, a BroadFace classifier and their momenta after three SGD steps (C = 5,000, D = 128: its
     logit chunks and gradients are blocks glibc maps apart by default)."""
-    import hashlib
-
     from broadface.heads import ArcFace, BroadFace
+    from tests.helpers import state_digest
 
     if keep:
         allocator.keep_freed_memory()
@@ -54,11 +53,8 @@ def training_digest(keep: bool) -> str:
         head(enc(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    h = hashlib.sha256()
-    for t in [*enc.state_dict().values(), *head.state_dict().values()]:
-        if isinstance(t, torch.Tensor):  # skip _extra_state entries
-            h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_digest({"encoder": enc.state_dict(), "head": head.state_dict(),
+                         "optimizer": opt.state_dict()["state"]})
 
 
 def _in_fresh_process(code: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,14 +8,13 @@ another platform the test is skipped and says how to record new ones (``python -
 tests.reliability.test_numerics`` on the reference commit)."""
 from __future__ import annotations
 
-import hashlib
 import sys
 
 import pytest
 import torch
 
 from broadface.train.trainer import Trainer
-from tests.helpers import celeba_faces, cpu_vendor, tiny_config
+from tests.helpers import celeba_faces, cpu_vendor, state_digest, tiny_config
 
 PLATFORM = "2.13.0+cpu AVX512 AuthenticAMD"
 # name -> (overrides, digest of backbone + classifier + queue + optimizer state after training)
@@ -35,21 +34,8 @@ def platform() -> str:
 
 def digest(trainer: Trainer) -> str:
     """sha256 over every tensor of the trained backbone, head (W and queue) and optimizer state."""
-    h = hashlib.sha256()
-    state = {"backbone": trainer.model.state_dict(), "head": trainer.head.state_dict(),
-             "optimizer": trainer.optimizer.state_dict()["state"]}
-
-    def feed(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            h.update(prefix.encode())
-            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                feed(f"{prefix}.{k}", obj[k])
-        else:
-            h.update(f"{prefix}={obj!r}".encode())
-    feed("", state)
-    return h.hexdigest()
+    return state_digest({"backbone": trainer.model.state_dict(), "head": trainer.head.state_dict(),
+                         "optimizer": trainer.optimizer.state_dict()["state"]})
 
 
 def run(name: str, tmp_path=None) -> str:
