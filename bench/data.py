@@ -6,18 +6,19 @@
 Prints three tables. The first: time to list LFW (13,233 files, nothing decoded), to open Omniglot from its
 zips, to pack CelebA-299 (6,300 JPEGs) into RecordIO and to scan its labels. The second: decoded images/s of
 the training loader (112x112 train transform, batch 64) over the CelebA-299 folder and the same images
-packed as RecordIO, with 0, 1 and 2 workers, in two forms: ``uint8`` is what the trainer loads
-(``FaceTransform(pixels=True)``: uint8 batches, normalised once per batch by ``BatchNormalizer``, counted
-here) and ``float`` the per-image float tensors of ``FaceTransform()``; beside the raw JPEG decode rate of
-the same files, bytes already in memory, nothing else: with Pillow (open + RGB + load) and with libjpeg-turbo
-straight into an array (``simplejpeg``, the loaders' decoder for plain JPEGs, see
-:func:`broadface.data.images.decode_pixels`), each on one thread, and libjpeg-turbo on two threads (it releases
-the GIL); ``vs raw decode`` is against the faster decoder on one thread and on two, and beside
-the rate at which a backbone
-consumes images in training (forward + backward at 112 px, batch 32, fp32: iResNet-50 and MobileFaceNet).
-Loader and raw rows are interleaved over rounds so machine load affects all alike; each value is the median
-over rounds. The third: the 0-worker uint8 folder loader's microseconds per image, stage by cumulative
-stage from the bare decode to the full rate, so the gap to the raw decode has its parts named.
+packed as RecordIO, in two forms: ``uint8`` is what the trainer loads (``FaceTransform(pixels=True)``: uint8
+batches, normalised once per batch by ``BatchNormalizer``, counted here) and ``float`` float32 batches
+(``FaceTransform()``); ``batched`` is the loader's batched fetch (:mod:`broadface.data.batched`) with 0 workers
+and 1 or 2 fetch threads, and 1 or 2 workers of one thread each; ``per-sample`` the same loader made to take
+its per-sample path (items collated), 0 workers. Beside them the raw JPEG decode rate of the same files,
+bytes already in memory, nothing else: with Pillow (open + RGB + load) and with libjpeg-turbo straight into
+an array (``simplejpeg``, the loaders' decoder for plain JPEGs), each on one thread, and libjpeg-turbo on two
+threads (it releases the GIL); ``vs raw decode`` is against the faster decoder on one thread and on two; and
+the rate at which a backbone consumes images in training (forward + backward at 112 px, batch 32, fp32:
+iResNet-50 and MobileFaceNet). Loader and raw rows are interleaved over rounds so machine load affects all
+alike; each value is the median over rounds. The third: the 0-worker uint8 folder loader's microseconds per
+image, stage by cumulative stage from the bare decode to the full rate, so the gap to the raw decode has its
+parts named.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from PIL import Image
 
 from broadface.data import FaceFolder, RecordIODataset, TrainTransform, make_loader, open_dataset, pack_folder
+from broadface.data.loader import collate_images
 from broadface.data.pipeline import BatchNormalizer
 from broadface.paths import data_root
 
@@ -46,11 +48,18 @@ def timed(fn, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def throughput(ds, images: int, workers: int, batch: int = 64) -> float:
+def per_sample(batch):
+    """The package's collate under another name: make_loader then takes the per-sample path (no batched fetch)."""
+    return collate_images(batch)
+
+
+def throughput(ds, images: int, workers: int, threads: int = 1, batched: bool = True, batch: int = 64) -> float:
     """Steady images/s out of the loader, as float32 batches (uint8 batches normalised here, as the step does).
 
     The clock starts at the first batch: the workers' start-up (once per epoch in training) is not counted."""
-    it, normalize = iter(make_loader(ds, batch, seed=0, num_workers=workers, drop_last=True)), BatchNormalizer()
+    it = iter(make_loader(ds, batch, seed=0, num_workers=workers, drop_last=True, threads=threads,
+                          collate_fn=None if batched else per_sample))
+    normalize = BatchNormalizer()
     next(it)
     t, n = time.perf_counter(), 0
     for x, _ in it:
@@ -89,25 +98,30 @@ def raw_decode(blobs: list[bytes], decoder: str, threads: int = 1) -> float:
 def stage_costs(ds, blobs: list[bytes], rounds: int) -> list[tuple[str, float]]:
     """Microseconds per image of the 0-worker uint8 loader, stage by cumulative stage (median over rounds):
     where the time between the bare decode and the loader's rate goes."""
-    from broadface.data.images import decode_pixels
-    from broadface.data.loader import SeededDataset
+    import numpy as np
 
-    n, seeded, normalize = len(blobs), SeededDataset(ds, 0, 0), BatchNormalizer()
+    from broadface.data.batched import _direct, fetch_batch
+    from broadface.data.seeding import derive_seed
 
-    def loader(norm: bool) -> None:
+    n, normalize = len(blobs), BatchNormalizer()
+    seeds, scratch = [derive_seed("sample", 0, 0, i) for i in range(n)], np.empty((112, 112, 3), np.uint8)
+
+    def loader(norm: bool, threads: int = 1) -> None:
         k = 0
-        for x, _ in make_loader(ds, 64, seed=0, num_workers=0, drop_last=True):
+        for x, _ in make_loader(ds, 64, seed=0, num_workers=0, drop_last=True, threads=threads):
             k += len(normalize(x) if norm else x)
             if k >= n:
                 return
 
     bare = raw_decoder(_decoders()[-1])
     stages = {f"bare decode from memory ({_decoders()[-1]})": lambda: [bare(b) for b in blobs],
-              "+ the loaders' checks (decode_pixels)": lambda: [decode_pixels(b) for b in blobs],
-              "+ file read (the data set's decoded image)": lambda: [ds._decoded(i) for i in range(n)],
-              "+ per-sample generator, flip, C x H x W": lambda: [seeded[i] for i in range(n)],
-              "+ sampler, collate (the loader)": lambda: loader(False),
-              "+ batch normalisation (the rate above)": lambda: loader(True)}
+              "+ file read, checks, into the scratch array": lambda: [_direct(ds, i, (112, 112), scratch)
+                                                                     for i in range(n)],
+              "+ the draw, flip, C x H x W into the batch": lambda: [fetch_batch(ds, range(i, i + 64), seeds[i:i + 64])
+                                                                 for i in range(0, n, 64)],
+              "+ sampler, DataLoader (the loader)": lambda: loader(False),
+              "+ batch normalisation (the rate, 1 thread)": lambda: loader(True),
+              "the same, 2 threads": lambda: loader(True, 2)}
     times: dict[str, list[float]] = {k: [] for k in stages}
     for _ in range(rounds):
         for name, fn in stages.items():
@@ -153,6 +167,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="fetch threads of the 0-worker loader")
     args = ap.parse_args()
     images, rounds, steps = (1024, 2, 2) if args.quick else (3072, 3, 3)
     root = data_root()
@@ -174,9 +189,13 @@ def main() -> None:
             for dec in _decoders():
                 rates.setdefault(("raw", dec, 1), []).append(raw_decode(blobs, dec))
             rates.setdefault(("raw", _decoders()[-1], 2), []).append(raw_decode(blobs, _decoders()[-1], 2))
+            for name, ds in sets.items():
+                rates.setdefault((name, "per-sample", 0, 1), []).append(throughput(ds, images, 0, batched=False))
             for workers in args.workers:
-                for name, ds in sets.items():
-                    rates.setdefault((name, workers), []).append(throughput(ds, images, workers))
+                for threads in args.threads if workers == 0 else (1,):
+                    for name, ds in sets.items():
+                        rates.setdefault((name, "batched", workers, threads), []).append(
+                            throughput(ds, images, workers, threads))
         raws = {key[1:]: statistics.median(rates.pop(key)) for key in [k for k in rates if k[0] == "raw"]}
         raw1 = max(r for (_, t), r in raws.items() if t == 1)
         raw2 = raws[(_decoders()[-1], 2)]
@@ -186,11 +205,12 @@ def main() -> None:
           + ", ".join(f"{dec} on {t} thread{'s' * (t > 1)} {r:,.0f} img/s" for (dec, t), r in raws.items()))
     print("training consumption at 112 px, batch 32, fp32: "
           + ", ".join(f"{m} {r:,.1f} img/s" for m, r in eat.items()) + "\n")
-    print("| loader | workers | img/s | vs raw decode, 1 thread | 2 threads | vs iResNet-50 | vs MobileFaceNet |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for (name, workers), r in rates.items():
+    print("| loader | fetch | workers | threads | img/s | vs raw decode, 1 thread | 2 threads | vs iResNet-50 "
+          "| vs MobileFaceNet |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, fetch, workers, threads), r in rates.items():
         m = statistics.median(r)
-        print(f"| {name} | {workers} | {m:,.0f} | {m / raw1:.0%} | {m / raw2:.0%} "
+        print(f"| {name} | {fetch} | {workers} | {threads} | {m:,.0f} | {m / raw1:.0%} | {m / raw2:.0%} "
               f"| {m / eat['iresnet50']:,.0f}× | {m / eat['mobilefacenet']:,.0f}× |")
     print("\n| folder, uint8, 0 workers: stage (cumulative) | µs per image | decode's share of the time |")
     print("|---|---:|---:|")

@@ -78,6 +78,12 @@ class ImageDataset(Dataset):
         :func:`~broadface.data.images.decode_pixels`); raise :class:`ImageDecodeError` if it is unreadable."""
         raise NotImplementedError
 
+    def encoded(self, index: int) -> tuple[bytes, int] | None:
+        """``(encoded image bytes, label)`` of sample ``index`` itself (no skip-mode substitute), for the batched
+        fetch (:mod:`broadface.data.batched`); None where the subclass has no such bytes. Raises
+        :class:`ImageDecodeError` for an unreadable source, as :meth:`_read` does."""
+        return None
+
     # -- public API --------------------------------------------------------------------
     @property
     def targets(self) -> list[int]:

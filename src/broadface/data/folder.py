@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from broadface.data.base import ImageDataset, Transform, check_classes
-from broadface.data.images import IMG_EXTENSIONS, decode_pixels
+from broadface.data.images import IMG_EXTENSIONS, decode_pixels, read_encoded
 
 
 def _norm_exts(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -154,3 +154,7 @@ class FaceFolder(ImageDataset):
     def _read(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
         return decode_pixels(path), label
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        path, label = self.samples[index]
+        return read_encoded(path), label

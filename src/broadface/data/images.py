@@ -82,6 +82,11 @@ def _source_bytes(src: Source, name: str | None) -> tuple[bytes | bytearray | me
         raise ImageDecodeError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
+def read_encoded(path: str | os.PathLike) -> bytes:
+    """A file's encoded bytes, to decode later; an unreadable file raises :class:`ImageDecodeError` naming it."""
+    return _source_bytes(path, None)[0]  # type: ignore[return-value]
+
+
 def decode_image(src: Source, name: str | None = None, mode: str = "RGB") -> Image.Image:
     """Fully decode ``src`` (path or encoded bytes) into an upright ``mode`` image.
 
@@ -104,16 +109,38 @@ def _plain_jpeg(data: bytes | bytearray | memoryview) -> bool:
     return head[:2] == b"\xff\xd8" and head.find(b"Exif\x00\x00") < 0
 
 
+def direct_jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """``(height, width)`` of an image libjpeg-turbo's direct path decodes to Pillow's pixels -- a plain JPEG in
+    YCbCr or gray (its CMYK -> RGB rounds differently) -- else None (not such a JPEG, unreadable header, or no
+    ``simplejpeg``)."""
+    if _simplejpeg is None or not _plain_jpeg(data):
+        return None
+    try:
+        h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError):
+        return None
+    return (h, w) if colorspace in ("YCbCr", "Gray") else None
+
+
+def decode_direct(data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray | None:
+    """The H x W x 3 RGB pixels of a JPEG that :func:`direct_jpeg_size` accepts, decoded by libjpeg-turbo (into
+    ``out``, C-contiguous uint8 of exactly that shape, when given); None if the decoder rejects it (strict: a
+    truncated file too), so the caller falls back to Pillow, which decodes it or names the error."""
+    try:
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True,
+                                       buffer=out)
+    except (ValueError, RuntimeError):
+        return None
+
+
 def decode_pixels(src: Source, name: str | None = None, mode: str = "RGB") -> np.ndarray:
     """:func:`decode_image` as a uint8 array (H x W x 3 for RGB, H x W for L), equal pixel for pixel;
     plain RGB JPEGs take libjpeg-turbo's direct path (module docstring)."""
     data, name = _source_bytes(src, name)
-    if _simplejpeg is not None and mode == "RGB" and _plain_jpeg(data):
-        try:  # YCbCr or gray only: libjpeg-turbo's CMYK -> RGB rounds differently from Pillow's
-            if _simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
-                return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
-        except (ValueError, RuntimeError):  # unusual or corrupt: Pillow decodes it or names the error
-            pass
+    if mode == "RGB" and direct_jpeg_size(data) is not None:
+        pixels = decode_direct(data)
+        if pixels is not None:
+            return pixels
     return np.asarray(decode_image(data, name, mode))
 
 

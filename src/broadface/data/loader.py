@@ -13,18 +13,25 @@ Contract (what the trainer's exact-resume relies on):
   transform). Datasets/transforms that do not take a generator run with the global RNGs
   seeded from the same value (and restored afterwards). Either way the tensors depend only
   on ``(seed, epoch, index)``: not on batch position, worker count or resume point.
+* **Batches.** With the package's collate (the default), a whole batch of a folder or RecordIO set with a
+  fixed-size 3-channel ``FaceTransform`` is fetched at once (:mod:`broadface.data.batched`): decoded into
+  one uint8 tensor, the same bits as the per-sample items collated.
 * **Workers.** Each worker seeds ``random``/NumPy/torch from ``(seed, epoch, worker id)``, and
   the DataLoader gets its own generator, so creating/iterating a loader never draws from the
   trainer's global torch RNG.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from broadface.data.batched import Batch, can_fetch_batch, fetch_batch
+from broadface.data.pipeline import BatchNormalizer
 from broadface.data.seeding import derive_seed, generator_for, global_rng_seeded, seed_global
 
 
@@ -61,12 +68,18 @@ class EpochBatchSampler(Sampler[list[int]]):
 class SeededDataset(Dataset):
     """Wraps a dataset so item ``i`` is produced with randomness seeded from ``(seed, epoch, i)``.
 
-    Attribute access falls through to the wrapped dataset (``.classes``, ``.skipped``...).
+    Attribute access falls through to the wrapped dataset (``.classes``, ``.skipped``...). With ``batched``
+    (only for :func:`collate_images`, which takes a :class:`~broadface.data.batched.Batch` as it is), the
+    DataLoader's batch fetch (``__getitems__``) decodes a whole batch at once where the dataset allows it.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, batched: bool = False, threads: int = 1):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
         self._use_generator = bool(getattr(dataset, "supports_generator", False))
+        self._batched = batched and can_fetch_batch(dataset)
+        self._normalizer = BatchNormalizer() if self._batched else None
+        self.threads = threads  # a batch's slices decoded at once (batched fetch only)
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked worker makes its own
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -80,20 +93,37 @@ class SeededDataset(Dataset):
         with global_rng_seeded(s):
             return self.dataset[index]
 
+    def __getitems__(self, indices: list[int]) -> Batch | list:
+        if not self._batched:
+            return [self[i] for i in indices]
+        seeds = [derive_seed("sample", self.seed, self.epoch, int(i)) for i in indices]
+        pool = None
+        if self.threads > 1:
+            if self._pool is None or self._pool[0] != os.getpid():
+                self._pool = (os.getpid(), ThreadPoolExecutor(self.threads - 1, thread_name_prefix="broadface-fetch"))
+            pool = self._pool[1]
+        return fetch_batch(self.dataset, indices, seeds, self._normalizer, pool, self.threads)  # type: ignore[arg-type]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # threads do not travel to spawned workers
+
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not yet set (e.g. during unpickling): avoid recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
 
-def collate_images(batch: list) -> Any:
-    """``[(CHW float32 or uint8 tensor, int label), ...]`` -> ``(N,C,H,W images, int64 labels)``.
+def collate_images(batch: list | Batch) -> Any:
+    """``[(CHW float32 or uint8 tensor, int label), ...]`` -> ``(N,C,H,W images, int64 labels)``; a
+    :class:`~broadface.data.batched.Batch` (fetched whole) is returned as that pair.
 
     In the main process images are stacked with NumPy: ``torch.stack`` of many small images
     goes through torch's thread pool and was ~4x slower on a busy 2-core machine. Inside
     workers (and for any other item shape) it is ``default_collate``, which writes straight
     into shared memory.
     """
+    if isinstance(batch, Batch):
+        return batch.images, batch.labels
     dtype = getattr(batch[0][0], "dtype", None) if batch and isinstance(batch[0], tuple) and batch[0] else None
     if get_worker_info() is None and dtype in (torch.float32, torch.uint8) and all(
         isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], torch.Tensor) and b[0].dtype == dtype
@@ -128,14 +158,18 @@ def make_loader(
     pin_memory: bool = False,
     collate_fn: Callable | None = None,
     worker_init_fn: Callable[[int], None] | None = None,
+    threads: int = 1,
 ) -> DataLoader:
     """DataLoader over epoch ``epoch`` starting at batch ``start_batch`` (see the module contract).
+
+    ``threads`` (batched fetch only): the threads of each loading process -- the main one with 0 workers,
+    else each worker -- that decode one batch's slices at once; the batches are the same bytes for any count.
 
     ``len(loader)`` is the number of batches still to come; ``loader.batch_sampler.num_batches``
     the epoch's total. ``loader.dataset`` is a :class:`SeededDataset` (attributes fall through).
     """
     for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("epoch", epoch, 0),
-                        ("start_batch", start_batch, 0)):
+                        ("start_batch", start_batch, 0), ("threads", threads, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"make_loader: {name} must be an int >= {lo}, got {v!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -145,7 +179,7 @@ def make_loader(
         raise ValueError("make_loader: dataset is empty")
     sampler = EpochBatchSampler(n, batch_size, shuffle, seed, epoch, drop_last, start_batch)
     return DataLoader(
-        SeededDataset(dataset, seed, epoch),
+        SeededDataset(dataset, seed, epoch, batched=collate_fn in (None, collate_images), threads=threads),
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn or collate_images,

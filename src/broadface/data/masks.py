@@ -308,6 +308,12 @@ def apply_mask(image: ImageT, rng: np.random.Generator, landmarks: np.ndarray | 
     return Image.fromarray(out) if is_pil else out
 
 
+def mask_applies(prob: float, rng: np.random.Generator) -> bool:
+    """:class:`MaskAugment`'s first draw: whether a call with ``rng`` masks the face (one value drawn unless
+    ``prob`` is 0), so a caller can tell an unmasked sample ahead of the call."""
+    return prob != 0.0 and rng.random() < prob
+
+
 class MaskAugment:
     """Dataset transform: with probability ``prob`` put a random synthetic mask on an aligned face.
 
@@ -331,7 +337,7 @@ class MaskAugment:
 
     def __call__(self, img: ImageT, rng: np.random.Generator | None = None) -> ImageT:
         rng = self._rng if rng is None else rng
-        if self.prob == 0.0 or rng.random() >= self.prob:
+        if not mask_applies(self.prob, rng):
             return img
         style = self.styles[rng.integers(len(self.styles))] if len(self.styles) < len(MASK_STYLES) else None
         return apply_mask(img, rng, style=style)

@@ -135,6 +135,10 @@ class RecordIODataset(ImageDataset):
         header, payload = unpack(self.reader.read(self._offset(key)), self._name(key))
         return self._label(key, header), payload
 
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        label, payload = self.read_record(index)
+        return payload, label
+
     def _read(self, index: int) -> tuple[np.ndarray, int]:
         label, payload = self.read_record(index)
         return decode_pixels(payload, self.source(index)), label

@@ -48,6 +48,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip while training
     mask_prob: float = 0.0  # synthetic face mask on this fraction of training images (BigFace: 0.35)
     num_workers: int = 0
+    threads: int = 2  # threads of each loading process decoding one batch's slices at once (same batches for any)
     on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable image is replaced by the next readable one
     test_fold: int | None = None  # lfw only: the View-2 fold whose people are held out (train on the others)
 
@@ -193,6 +194,7 @@ class Config:
         t, o, s, h = self.train, self.optim, self.schedule, self.head
         positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                     "train.log_every": t.log_every, "train.eval_batch_size": t.eval_batch_size,
+                    "data.threads": self.data.threads,
                     "model.embedding_size": self.model.embedding_size, "model.input_size": self.model.input_size}
         nonneg = {"train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
                   "train.eval_every": t.eval_every, "head.queue_size": h.queue_size,

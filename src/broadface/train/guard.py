@@ -23,7 +23,7 @@ IGNORED = frozenset({
     "train.device", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_batch_size", "train.eval_flip", "train.val_bins", "train.tensorboard", "train.micro_batch",
     "train.batch_size", "head.queue_size", "head.queue_mode", "head.chunk_size", "optim.zero",
-    "data.root", "data.val_split", "data.val_root", "data.num_workers",
+    "data.root", "data.val_split", "data.val_root", "data.num_workers", "data.threads",
     "distill.cache", "distill.cache_dtype", "distill.batch_size",
 })
 ADJUSTABLE = frozenset({

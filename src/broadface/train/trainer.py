@@ -174,7 +174,7 @@ class Trainer:
                                        self.ctx.world_size, shuffle=True, seed=t.seed,
                                        num_workers=self.cfg.data.num_workers, drop_last=True, epoch=epoch,
                                        start_batch=start_batch, pin_memory=self.device.type == "cuda",
-                                       collate_fn=collate_images)
+                                       collate_fn=collate_images, threads=self.cfg.data.threads)
 
     # ------------------------------------------------------------------ the loop
     def begin(self) -> None:
