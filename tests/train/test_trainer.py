@@ -373,10 +373,9 @@ def test_diagnostics_queue_holds_the_sample_ids_of_the_last_steps(faces, make_co
     assert d.labels.tolist() == [faces.targets[i] for i in d.ids.tolist()]
 
 
-def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, make_config, monkeypatch):
-    """The configured data sets hand the step uint8 pixels (normalised there, a batch at a time, with constants
-    built once per run: on a GPU a build syncs): the same run, bit for bit, as the same images injected as floats."""
-    from broadface.data import FaceFolder, FaceTransform, pipeline
+@pytest.fixture
+def celeba_folder(tmp_path):
+    """6 real CelebA-299 identities x 4 faces (112 px JPEGs), linked into ``tmp_path/train``."""
     from broadface.data.folder import list_classes, list_images
     from broadface.paths import data_root
 
@@ -385,6 +384,23 @@ def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, ma
         (tmp_path / "train" / c).mkdir(parents=True)
         for f in list_images(src / c)[:4]:
             (tmp_path / "train" / c / f).symlink_to(src / c / f)
+    return tmp_path / "train"
+
+
+def test_the_trainer_loads_through_the_batched_fetch_on_data_threads(celeba_folder, make_config):
+    opts = ["data.name=folder", f"data.root={celeba_folder}", "model.input_size=112", "data.threads=3"]
+    loader = Trainer(make_config(None, *opts), progress=False)._loader(0, 0)
+    assert loader.dataset._batched and loader.dataset.threads == 3
+    with pytest.raises(ValueError, match="data.threads"):
+        make_config(None, "data.threads=0").validate()
+
+
+def test_configured_data_trains_on_uint8_batches_as_on_float_images(tmp_path, celeba_folder, make_config,
+                                                                   monkeypatch):
+    """The configured data sets hand the step uint8 pixels (normalised there, a batch at a time, with constants
+    built once per run: on a GPU a build syncs): the same run, bit for bit, as the same images injected as floats."""
+    from broadface.data import FaceFolder, FaceTransform, pipeline
+
     opts = ["data.name=folder", f"data.root={tmp_path / 'train'}", "train.steps=4", "head.queue_size=16"]
     configured = Trainer(make_config(None, *opts), progress=False)
     images, _ = next(iter(configured._loader(0, 0)))
