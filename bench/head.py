@@ -16,7 +16,9 @@ alternating rounds (one step each per round, after one warm-up step each), the m
 in machine load hit every variant alike. Peak memory is measured apart, each variant in a fresh subprocess:
 its max-RSS rise (CPU) or max_memory_allocated (CUDA) over a warm-up step and one more. GFLOP/s counts the
 big matmuls (batch logits and ∂e, union logits and ∂W) over the classes the step used, against the fp32 or
-bf16 matmul peak measured here at 2048³ (same threads).
+bf16 matmul peak measured here at 2048³ (same threads): once at the start (``of peak``), and in every timed round of
+each (C, Q) cell, in the process and between the rounds of its steps (``of the peak in the rounds``: against the
+median of those, the ratio measured side by side; this VM's matmul rate moves by 10-20 % between minutes).
 
     python bench/head.py --quick            # C=10k, Q=4096: a few minutes on 2 CPU cores
     python bench/head.py                    # C ∈ {10k, 85,742}, Q ∈ {8192, 32768}
@@ -156,11 +158,16 @@ def interleaved(cfgs: dict[str, dict], rounds: int) -> dict[str, dict]:
     runners = {n: Runner(c) for n, c in cfgs.items()}
     for r in runners.values():
         r.step(record=False)
-    for _ in range(rounds):
+    first = next(iter(cfgs.values()))
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(rounds):  # each round also times the matmul peaks, so the ratio to them is side by side
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peaks[name].append(matmul_gflops(first["device"], first["threads"], dtype))
         for r in runners.values():
             r.step()
-    return {n: {"time": statistics.median(r.times), "times": r.times, "cpu": statistics.median(r.cpu),
-                "classes_used": r.used} for n, r in runners.items()}
+    out = {n: {"time": statistics.median(r.times), "times": r.times, "cpu": statistics.median(r.cpu),
+               "classes_used": r.used} for n, r in runners.items()}
+    return {**out, "_peaks": peaks}
 
 
 def matmul_gflops(device: str, threads: int, dtype: torch.dtype) -> float:
@@ -200,15 +207,17 @@ def run_config(cfg: dict, mem_limit_gib: float, src: str | None = None, mode: st
 
 def _row(C: int, Q: int, name: str, r: dict, fp32: dict, peaks: dict) -> str:
     if "time" not in r:
-        return f"| {C:,} | {Q:,} | {name} | – | {r['skipped']} | – | – | – | – | – |"
+        return f"| {C:,} | {Q:,} | {name} | – | {r['skipped']} | – | – | – | – | – | – |"
     kind = "plain" if name == "plain" else "broadface"
     gf = head_flops(kind, r["classes_used"], Q) / r["time"] / 1e9
     peak_name = "bf16" if name.startswith("bf16") else "fp32"
     speed = f"{fp32['time'] / r['time']:.2f}×" if "time" in fp32 and kind != "plain" else "–"
     cpu = f"{fp32['cpu'] / r['cpu']:.2f}×" if "cpu" in fp32 and "cpu" in r and kind != "plain" else "–"
     peak = f"{r['peak_mib']:,.0f}" if "peak_mib" in r else "–"
+    rounds = peaks.get("rounds", {}).get(peak_name)
+    in_rounds = f"{gf / statistics.median(rounds):.0%}" if rounds else "–"
     return (f"| {C:,} | {Q:,} | {name} | {r['classes_used']:,} | {1e3 * r['time']:,.0f} | {peak} "
-            f"| {speed} | {cpu} | {gf:,.0f} | {gf / peaks[peak_name]:.0%} of {peak_name} |")
+            f"| {speed} | {cpu} | {gf:,.0f} | {gf / peaks[peak_name]:.0%} of {peak_name} | {in_rounds} |")
 
 
 def malloc_setup() -> str:
@@ -258,8 +267,8 @@ def main() -> None:
           f"matmul 2048³: {peaks['fp32']:.0f} GFLOP/s fp32, "
           f"{peaks['bf16']:.0f} GFLOP/s bf16; load average {os.getloadavg()[0]:.1f}\n")
     print("| C | Q | union | classes used | step ms | peak MiB | speed vs fp32 union | same, CPU time | GFLOP/s "
-          "| of peak |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| of peak | of the peak in the rounds |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for C in classes:
         for Q in queues:
@@ -274,6 +283,8 @@ def main() -> None:
                     if n in args.variants}
             mem = {n: run_config(c, args.mem_limit_gib) for n, c in cfgs.items()}
             timed_ = run_config({"cfgs": cfgs, "rounds": rounds}, args.mem_limit_gib, mode="--interleaved")
+            round_peaks = timed_.pop("_peaks", None)
+            cell_peaks = {**peaks, "rounds": round_peaks or {}}
             res = {n: {**mem[n], **timed_[n]} if n in timed_ else {**timed_, "classes_used": 0} for n in cfgs}
             extra = []  # apart, each in its own process (not interleaved): noisier times
             if args.compare_src:
@@ -283,8 +294,13 @@ def main() -> None:
                 extra.append(("dense", dict(base, kind="dense", dtype="float32", rate=1.0), None))
             res.update({n: run_config(c, args.mem_limit_gib, src) for n, c, src in extra})
             for n, r in res.items():
-                print(_row(C, Q, n, r, res.get("fp32", {}), peaks), flush=True)
+                print(_row(C, Q, n, r, res.get("fp32", {}), cell_peaks), flush=True)
                 rows.append({"C": C, "Q": Q, "variant": n, **r})
+            if round_peaks:
+                print("| | | matmul peaks in the rounds (GFLOP/s, each the best of three) | | "
+                      + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vs)}" for k, vs in round_peaks.items())
+                      + " | | | | | | |", flush=True)
+                rows.append({"C": C, "Q": Q, "variant": "peaks in the rounds", **round_peaks})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"peaks": peaks, "threads": args.threads, "device": args.device, "rows": rows}, fh, indent=1)
