@@ -58,9 +58,11 @@ def main() -> None:
     head_args = ["--classes", str(args.head_classes), "--queues", str(args.head_queue), "--variants", "plain", "fp32",
                  "bf16", "--rounds", "3"]
     train_args = ["--model", args.train_model, "--size", str(args.train_size), "--classes", str(args.train_classes),
-                  "--queue", str(args.train_queue), "--unions", "plain", "fp32", "--steps", "2", "--warmup", "1", "--rounds", "1"]
+                  "--queue", str(args.train_queue), "--unions", "plain", "fp32", "--steps", "2", "--warmup", "1",
+                  "--rounds", "1"]
     print(f"# head: C={args.head_classes:,}, Q={args.head_queue:,}; step: {args.train_model} {args.train_size} px, "
-          f"C={args.train_classes:,}, Q={args.train_queue:,}; {args.rounds} rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"C={args.train_classes:,}, Q={args.train_queue:,}; {args.rounds} rounds; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for mode in (MODES if r % 2 == 0 else MODES[::-1]):  # alternate which goes first

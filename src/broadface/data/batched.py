@@ -9,11 +9,12 @@ H x W x 3 scratch array, flips it (``cv2.flip``) when the sample's draw says so 
 
 The batch is the per-sample path's bit for bit: each sample's randomness is the same
 :meth:`~broadface.data.transforms.FaceTransform.draw` from a generator seeded the same way, and the pixels are
-:func:`~broadface.data.images.decode_pixels`'. Any sample the direct path cannot take -- not a plain
-YCbCr/gray JPEG already at the output size, a decoder error, a face its mask draw covers, a skip-mode sample -- goes
-through the per-sample path (with a fresh generator of the same seed) into its slot, so errors, skips and
-substitutes are the per-sample path's too. The float form (``pixels=False``) is the uint8 batch normalised
-by :class:`~broadface.data.pipeline.BatchNormalizer` (the same bits as per-image :func:`normalize`).
+:func:`~broadface.data.images.decode_pixels`'. Any sample the direct path cannot take -- not a plain YCbCr/gray
+JPEG already at the output size, a decoder error, a face its mask draw covers, a sample already flagged
+unreadable (skip mode) -- goes through the per-sample path (with a fresh generator of the same seed) into its
+slot, so errors, skips and substitutes are the per-sample path's too. The float form (``pixels=False``) is the
+uint8 batch normalised by :class:`~broadface.data.pipeline.BatchNormalizer` (the same bits as per-image
+:func:`normalize`).
 """
 from __future__ import annotations
 
