@@ -92,21 +92,31 @@ def _odd_folder(face: Image.Image, root) -> None:
 def test_odd_images_skips_and_masks_take_the_per_sample_path_in_their_slot(lfw_dir, tmp_path, mask_prob, monkeypatch):
     _odd_folder(Image.open(lfw_dir / "Al_Gore" / "Al_Gore_0001.jpg").convert("RGB"), tmp_path)
     runs, decoded, real = [], [], ImageDataset._decoded
+
+    def spy(self, i, *encoded):  # records each per-sample decode
+        decoded.append(self.source(i))
+        return real(self, i, *encoded)
+
     for collate in (per_sample, None, None):
         ds = FaceFolder(tmp_path, TrainTransform(112, pixels=True, mask_prob=mask_prob), on_error="skip")
         threads = 2 if len(runs) == 2 else 1
         with monkeypatch.context() as m:
-            m.setattr(ImageDataset, "_decoded", lambda self, i: decoded.append(self.source(i)) or real(self, i))
+            m.setattr(ImageDataset, "_decoded", spy)
             runs.append((batches(ds, batch_size=5, collate_fn=collate, threads=threads), ds.skipped))
     (ref, skipped), *others = runs
     assert [p.rsplit("/", 1)[1] for p in skipped] == ["e_truncated.jpg"]
     if mask_prob == 0:  # the batched runs decode only the odd images per sample
         assert sorted(p.rsplit("/", 2)[1] for p in decoded[len(ds):]) == ["z_odd"] * 10
-    read, real_encoded = [], FaceFolder.encoded
+    read, real_encoded, per_sample_calls = [], FaceFolder.encoded, len(decoded)
     monkeypatch.setattr(FaceFolder, "encoded", lambda self, i: read.append(self.source(i)) or real_encoded(self, i))
+    monkeypatch.setattr(ImageDataset, "_decoded", spy)
     assert_same(batches(ds, batch_size=5), ref)  # ds has flagged the truncated file: it is not read again
     assert not any(p.endswith("e_truncated.jpg") for p in read)
-    assert len(read) == 9 if mask_prob == 0 else 0 < len(read) < 9  # masked faces are not read by the fetch
+    # every readable file read once (the per-sample path decodes the bytes the fetch read), the truncated
+    # file's substitute once more, in the truncated file's slot
+    assert len(set(read)) == 9 and len(read) == 10
+    per_sample_slots = len(decoded) - per_sample_calls  # the 5 odd images, and the faces their mask draw covers
+    assert per_sample_slots == 5 if mask_prob == 0 else 5 < per_sample_slots < 10
     for got, got_skipped in others:
         assert_same(got, ref)
         assert got_skipped == skipped

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from broadface.data.images import ImageDecodeError
+from broadface.data.images import ImageDecodeError, decode_pixels
 from broadface.data.pipeline import normalize
 
 Transform = Callable[..., torch.Tensor]
@@ -75,14 +75,22 @@ class ImageDataset(Dataset):
 
     def _read(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
         """Decode sample ``index`` (a PIL image, or the uint8 array of
-        :func:`~broadface.data.images.decode_pixels`); raise :class:`ImageDecodeError` if it is unreadable."""
-        raise NotImplementedError
+        :func:`~broadface.data.images.decode_pixels`); raise :class:`ImageDecodeError` if it is unreadable.
+        By default :meth:`encoded`'s bytes through ``decode_pixels``."""
+        found = self.encoded(index)
+        if found is None:
+            raise NotImplementedError
+        return self._from_encoded(index, found)
 
     def encoded(self, index: int) -> tuple[bytes, int] | None:
         """``(encoded image bytes, label)`` of sample ``index`` itself (no skip-mode substitute), for the batched
         fetch (:mod:`broadface.data.batched`); None where the subclass has no such bytes. Raises
         :class:`ImageDecodeError` for an unreadable source, as :meth:`_read` does."""
         return None
+
+    def _from_encoded(self, index: int, found: tuple[bytes, int]) -> tuple[np.ndarray, int]:
+        """Sample ``index`` decoded from its :meth:`encoded` pair ``found``, as the default :meth:`_read` does."""
+        return decode_pixels(found[0], self.source(index)), found[1]
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -94,21 +102,23 @@ class ImageDataset(Dataset):
         img, label = self._decoded(index)
         return (Image.fromarray(img) if isinstance(img, np.ndarray) else img), label
 
-    def _decoded(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
-        """:meth:`image` as :meth:`_read` returns it (an array stays an array, for :meth:`getitem`)."""
+    def _decoded(self, index: int, encoded: tuple[bytes, int] | None = None) -> tuple[Image.Image | np.ndarray, int]:
+        """:meth:`image` as :meth:`_read` returns it (an array stays an array, for :meth:`getitem`). ``encoded``:
+        sample ``index``'s :meth:`encoded` pair when the caller has already read it (decoded, not read again)."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
-        if self.on_error == "raise":
-            return self._read(index)
-        for step in range(n):
+        skip = self.on_error == "skip"
+        for step in range(n if skip else 1):
             j = (index + step) % n
-            if self._bad[j]:
+            if skip and self._bad[j]:
                 continue
             try:
-                return self._read(j)
+                return self._from_encoded(j, encoded) if step == 0 and encoded is not None else self._read(j)
             except ImageDecodeError:
+                if not skip:
+                    raise
                 self._bad[j] = 1
         raise ValueError(f"{self.origin}: none of the {n} images could be decoded (on_error='skip')")
 

@@ -57,17 +57,19 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
-def _direct(dataset: ImageDataset, index: int, hw: tuple[int, int], scratch: np.ndarray) -> int | None:
-    """Decode sample ``index`` into ``scratch`` and return its label; None where the per-sample path must do it."""
+def _direct(dataset: ImageDataset, index: int, hw: tuple[int, int], scratch: np.ndarray
+            ) -> tuple[int | None, tuple[bytes, int] | None]:
+    """Decode sample ``index`` into ``scratch``: ``(its label, None)``; where the per-sample path must do it,
+    ``(None, the encoded pair if it was read)``, so that path decodes those bytes instead of reading them again."""
     if dataset.on_error == "skip" and dataset._bad[index]:
-        return None  # flagged unreadable: the per-sample path substitutes it
+        return None, None  # flagged unreadable: the per-sample path substitutes it
     try:
         found = dataset.encoded(index)
     except ImageDecodeError:
-        return None  # the per-sample path raises naming the source, or skips it
+        return None, None  # the per-sample path raises naming the source, or skips it
     if found is None or direct_jpeg_size(found[0]) != hw or decode_direct(found[0], scratch) is None:
-        return None
-    return found[1]
+        return None, found
+    return found[1], None
 
 
 def fetch_batch(dataset: ImageDataset, indices: Sequence[int], seeds: Sequence[int],
@@ -94,9 +96,9 @@ def fetch_batch(dataset: ImageDataset, indices: Sequence[int], seeds: Sequence[i
             index, seed = int(indices[k]), seeds[k]
             mask_seed, flipped = tf.draw(_generator(seed))
             masked = mask_seed is not None and mask_applies(tf.mask_prob, np.random.default_rng(mask_seed))
-            label = None if masked else _direct(dataset, index, (h, w), scratch[0])
+            label, found = (None, None) if masked else _direct(dataset, index, (h, w), scratch[0])
             if label is None:  # the per-sample path, from the same draws
-                img, label = dataset._decoded(index)
+                img, label = dataset._decoded(index, found)
                 images[k] = call_transform(pixel_tf, img, _generator(seed))
             else:
                 face = cv2.flip(scratch[0], 1, dst=scratch[1]) if flipped else scratch[0]

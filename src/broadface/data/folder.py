@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from broadface.data.base import ImageDataset, Transform, check_classes
-from broadface.data.images import IMG_EXTENSIONS, decode_pixels, read_encoded
+from broadface.data.images import IMG_EXTENSIONS, read_encoded
 
 
 def _norm_exts(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -150,10 +149,6 @@ class FaceFolder(ImageDataset):
 
     def source(self, index: int) -> str:
         return self.samples[index][0]
-
-    def _read(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
-        return decode_pixels(path), label
 
     def encoded(self, index: int) -> tuple[bytes, int]:
         path, label = self.samples[index]

@@ -25,7 +25,7 @@ import numpy as np
 
 from broadface.data.base import ImageDataset, Transform
 from broadface.data.folder import FaceFolder
-from broadface.data.images import IMG_EXTENSIONS, ImageDecodeError, decode_image, decode_pixels
+from broadface.data.images import IMG_EXTENSIONS, ImageDecodeError, decode_image
 from broadface.data.mxrecord import IR_SIZE, RecordReader, RecordWriter, pack, read_index, unpack
 from broadface.fileio import atomic_write
 
@@ -138,10 +138,6 @@ class RecordIODataset(ImageDataset):
     def encoded(self, index: int) -> tuple[bytes, int]:
         label, payload = self.read_record(index)
         return payload, label
-
-    def _read(self, index: int) -> tuple[np.ndarray, int]:
-        label, payload = self.read_record(index)
-        return decode_pixels(payload, self.source(index)), label
 
 
 @dataclass
