@@ -168,19 +168,38 @@ def make_loader(
     ``len(loader)`` is the number of batches still to come; ``loader.batch_sampler.num_batches``
     the epoch's total. ``loader.dataset`` is a :class:`SeededDataset` (attributes fall through).
     """
-    for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("epoch", epoch, 0),
-                        ("start_batch", start_batch, 0), ("threads", threads, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"make_loader: {name} must be an int >= {lo}, got {v!r}")
+    check_counts("make_loader", batch_size=batch_size, num_workers=num_workers, epoch=epoch, start_batch=start_batch,
+                 threads=threads)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"make_loader: seed must be an int, got {seed!r}")
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("make_loader: dataset is empty")
     sampler = EpochBatchSampler(n, batch_size, shuffle, seed, epoch, drop_last, start_batch)
+    return seeded_loader(dataset, sampler, seed, epoch, num_workers=num_workers, pin_memory=pin_memory,
+                         collate_fn=collate_fn, worker_init_fn=worker_init_fn, threads=threads)
+
+
+_LOWEST = {"batch_size": 1, "threads": 1}  # the other counts may be 0
+
+
+def check_counts(where: str, **counts: int) -> None:
+    """ValueError naming ``where`` and the argument unless each count is an int >= its lowest value."""
+    for name, v in counts.items():
+        lo = _LOWEST.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{where}: {name} must be an int >= {lo}, got {v!r}")
+
+
+def seeded_loader(dataset: Dataset, batch_sampler: Sampler, seed: int, epoch: int, *, num_workers: int,
+                  pin_memory: bool, collate_fn: Callable | None, worker_init_fn: Callable[[int], None] | None,
+                  threads: int) -> DataLoader:
+    """The DataLoader of :func:`make_loader` and ``make_distributed_loader`` around their batch sampler: items
+    seeded from ``(seed, epoch, index)``, batches fetched whole under the package's collate, workers seeded
+    from ``(seed, epoch, worker id)``, the loader's own generator."""
     return DataLoader(
         SeededDataset(dataset, seed, epoch, batched=collate_fn in (None, collate_images), threads=threads),
-        batch_sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_fn or collate_images,
         pin_memory=pin_memory,

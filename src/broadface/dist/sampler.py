@@ -19,8 +19,7 @@ from typing import Callable, Iterator
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from broadface.data.loader import SeededDataset, WorkerInit, collate_images, epoch_order
-from broadface.data.seeding import generator_for
+from broadface.data.loader import check_counts, epoch_order, seeded_loader
 
 
 def rank_slice(n: int, world_size: int, rank: int) -> slice:
@@ -78,18 +77,9 @@ def make_distributed_loader(dataset: Dataset, batch_size: int, rank: int, world_
                             worker_init_fn: Callable[[int], None] | None = None, threads: int = 1) -> DataLoader:
     """``make_loader`` for rank ``rank`` of ``world_size``: same epoch/position contract, global
     ``batch_size``. Build one loader per epoch, as with ``make_loader``."""
-    for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("epoch", epoch, 0),
-                        ("start_batch", start_batch, 0), ("threads", threads, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"make_distributed_loader: {name} must be an int >= {lo}, got {v!r}")
+    check_counts("make_distributed_loader", batch_size=batch_size, num_workers=num_workers, epoch=epoch,
+                 start_batch=start_batch, threads=threads)
     n = len(dataset)  # type: ignore[arg-type]
     sampler = DistributedBatchSampler(n, batch_size, rank, world_size, shuffle, seed, epoch, drop_last, start_batch)
-    return DataLoader(
-        SeededDataset(dataset, seed, epoch, batched=collate_fn in (None, collate_images), threads=threads),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_fn or collate_images,
-        pin_memory=pin_memory,
-        worker_init_fn=WorkerInit(seed, epoch, worker_init_fn) if num_workers > 0 else None,
-        generator=generator_for("loader", seed, epoch),
-    )
+    return seeded_loader(dataset, sampler, seed, epoch, num_workers=num_workers, pin_memory=pin_memory,
+                         collate_fn=collate_fn, worker_init_fn=worker_init_fn, threads=threads)
